@@ -1,0 +1,1 @@
+"""sdejax: score-based generative models with SDEs in JAX/Flax."""

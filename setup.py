@@ -1,0 +1,28 @@
+"""sdejax: score-based generative modelling with SDEs in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sdejax",
+    version="0.1.0",
+    description="Score-based generative models with SDEs in JAX/Flax: SDEs, losses, "
+    "PC/ODE/SDE/DDIM samplers and exact PF-ODE likelihoods.",
+    packages=find_packages(include=["sdejax", "sdejax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "diffrax>=0.6",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "Pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+    },
+    entry_points={"console_scripts": ["sdejax=sdejax.cli:run"]},
+)
