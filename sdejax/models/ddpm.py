@@ -1,0 +1,95 @@
+"""The DDPM U-Net (Ho et al. 2020): sinusoidal time embedding, GroupNorm(32) residual blocks,
+self-attention at the `attn_resolutions`, nearest/strided-conv resampling.
+
+Top-level submodules are named `all_modules_<i>` in the reference's module-list order.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdejax.models import conditioning, layers
+
+Array = jax.Array
+
+
+class DDPM(nn.Module):
+    """DDPM score network. Call: (x NHWC, labels (B,), y=None, train=False) -> NHWC.
+
+    With scale_by_sigma the output is divided by σ[labels] (SMLD-style training, integer labels).
+    """
+    nf: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    image_size: int = 32
+    num_channels: int = 3
+    centered: bool = True
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    scale_by_sigma: bool = False
+    nonlinearity: str = "swish"
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    num_scales: int = 1000
+    num_classes: int = 0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
+        expected = (self.image_size, self.image_size, self.num_channels)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ValueError(f"x must be NHWC of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {x.shape}")
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
+        names = (f"all_modules_{i}" for i in itertools.count())
+        act = layers.get_act(self.nonlinearity)
+        dt = self.dtype
+        nf, n_res = self.nf, len(self.ch_mult)
+        resolutions = [self.image_size // 2 ** i for i in range(n_res)]
+
+        temb = layers.timestep_embedding(labels, nf)
+        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(temb)
+        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(act(temb))
+        temb = conditioning.add_class_embedding(temb, y, self.num_classes, dt)
+
+        def resblock(h: Array, out_ch: Optional[int] = None) -> Array:
+            return layers.ResnetBlockDDPM(act=act, out_ch=out_ch, dropout=self.dropout, groups=32,
+                                          dtype=dt, name=next(names))(h, temb, train)
+
+        def attn(h: Array) -> Array:
+            return layers.AttnBlock(groups=32, dtype=dt, name=next(names))(h)
+
+        h = x if self.centered else 2 * x - 1.0
+        hs = [layers.conv(nf, dtype=dt, name=next(names))(h.astype(dt))]
+        for i_level in range(n_res):
+            for _ in range(self.num_res_blocks):
+                h = resblock(hs[-1], nf * self.ch_mult[i_level])
+                if resolutions[i_level] in self.attn_resolutions:
+                    h = attn(h)
+                hs.append(h)
+            if i_level != n_res - 1:
+                hs.append(layers.Downsample(with_conv=self.resamp_with_conv, dtype=dt, name=next(names))(hs[-1]))
+
+        h = resblock(hs[-1])
+        h = attn(h)
+        h = resblock(h)
+
+        for i_level in reversed(range(n_res)):
+            for _ in range(self.num_res_blocks + 1):
+                h = resblock(jnp.concatenate([h, hs.pop()], axis=-1), nf * self.ch_mult[i_level])
+            if resolutions[i_level] in self.attn_resolutions:
+                h = attn(h)
+            if i_level != 0:
+                h = layers.Upsample(with_conv=self.resamp_with_conv, dtype=dt, name=next(names))(h)
+
+        h = act(layers.group_norm(h.shape[-1], 32, dtype=dt, name=next(names))(h))
+        h = layers.conv(self.num_channels, init_scale=0.0, dtype=dt, name=next(names))(h)
+        h = h.astype(jnp.float32)
+        if self.scale_by_sigma:
+            h = h / conditioning.sigmas_at(labels, self.sigma_min, self.sigma_max, self.num_scales)[:, None, None, None]
+        return h

@@ -1,0 +1,121 @@
+"""Model registry: `get_model(config)` builds the Flax module named by `config.model.name`.
+
+The network contract: `model.apply(variables, x_nhwc, labels, y=None, train=False,
+rngs={'dropout': key})`, where `labels` are exactly what the reference score function passes
+(VE continuous: σ(t); VP/sub-VP continuous: 999·t; VP discrete: t·(N−1); VE discrete: the integer
+index of σ in the descending table). `make_apply_fn` adapts a module to the core library's
+`apply_fn(params, x, labels, *, train=False, rng=None)` with params = the full variables dict.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sdejax.models.ddpm import DDPM
+from sdejax.models.ncsnpp import NCSNpp
+from sdejax.models.ncsnv2 import NCSN, NCSNv2
+
+Array = jax.Array
+ApplyFn = Callable[..., Array]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _common(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Fields every network takes (data shape, noise table, compute dtype, classes)."""
+    m, d = config.model, config.data
+    dtype_name = m.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"model.dtype = {dtype_name!r} is not valid; choose from {sorted(DTYPES)}")
+    return dict(image_size=d.image_size, num_channels=d.num_channels, centered=d.centered,
+                nonlinearity=m.nonlinearity, sigma_min=float(m.sigma_min), sigma_max=float(m.sigma_max),
+                num_scales=m.num_scales, num_classes=m.get("num_classes", 0), dtype=DTYPES[dtype_name])
+
+
+def _unet_common(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attn_resolutions=tuple(m.attn_resolutions), dropout=float(m.dropout),
+                resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma)
+
+
+def _ncsnpp(config: ml_collections.ConfigDict) -> nn.Module:
+    m = config.model
+    if m.embedding_type == "fourier" and not config.training.continuous:
+        raise ValueError("Fourier embeddings are only for continuous training (training.continuous = True)")
+    return NCSNpp(**_common(config), **_unet_common(m), conditional=m.conditional, fir=m.fir,
+                  fir_kernel=tuple(m.fir_kernel), skip_rescale=m.skip_rescale,
+                  resblock_type=m.resblock_type.lower(), progressive=m.progressive.lower(),
+                  progressive_input=m.progressive_input.lower(),
+                  progressive_combine=m.progressive_combine.lower(),
+                  embedding_type=m.embedding_type.lower(), fourier_scale=float(m.get("fourier_scale", 16.0)),
+                  init_scale=float(m.init_scale))
+
+
+def _ddpm(config: ml_collections.ConfigDict) -> nn.Module:
+    return DDPM(**_common(config), **_unet_common(config.model))
+
+
+def _ncsnv2(variant: int) -> Callable[[ml_collections.ConfigDict], nn.Module]:
+    def build(config: ml_collections.ConfigDict) -> nn.Module:
+        return NCSNv2(**_common(config), nf=config.model.nf, normalization=config.model.normalization,
+                      variant=variant)
+    return build
+
+
+def _ncsn(config: ml_collections.ConfigDict) -> nn.Module:
+    return NCSN(**_common(config), nf=config.model.nf, normalization=config.model.normalization)
+
+
+MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "ncsnpp": _ncsnpp,
+    "ddpm": _ddpm,
+    "ncsn": _ncsn,
+    "ncsnv2_64": _ncsnv2(64),
+    "ncsnv2_128": _ncsnv2(128),
+    "ncsnv2_256": _ncsnv2(256),
+}
+
+
+def get_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The Flax module for `config.model.name`; unknown names raise ValueError listing the valid ones."""
+    name = config.model.name
+    if name not in MODELS:
+        raise ValueError(f"unknown model.name {name!r}; valid: {sorted(MODELS)}")
+    return MODELS[name](config)
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[Array, Array]:
+    """(x, labels) with the right shapes and label dtype for `model.init`."""
+    size, ch = config.data.image_size, config.data.num_channels
+    x = jnp.zeros((batch_size, size, size, ch), jnp.float32)
+    if config.model.name.startswith("ncsn") and config.model.name != "ncsnpp":
+        return x, jnp.zeros((batch_size,), jnp.int32)
+    return x, jnp.ones((batch_size,), jnp.float32)
+
+
+def init_model(config: ml_collections.ConfigDict, rng: Array, batch_size: int = 1) -> tuple[nn.Module, dict]:
+    """Build the model and its variables ({'params': ..., possibly 'constants': ...})."""
+    model = get_model(config)
+    x, labels = dummy_inputs(config, batch_size)
+    return model, model.init({"params": rng}, x, labels, train=False)
+
+
+def count_params(variables: Any) -> int:
+    """Number of scalars in a variables tree (all collections, e.g. frozen Fourier W included)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables))
+
+
+def make_apply_fn(model: nn.Module) -> ApplyFn:
+    """apply_fn(params, x, labels, *, train=False, rng=None, y=None) for `sdejax.score.get_score_fn`.
+
+    `params` is the full variables dict; `rng` seeds dropout (needed when train=True and dropout > 0).
+    """
+    def apply_fn(params: Any, x: Array, labels: Array, *, train: bool = False,
+                 rng: Optional[Array] = None, y: Optional[Array] = None) -> Array:
+        rngs = {"dropout": rng} if rng is not None else {}
+        return model.apply(params, x, labels, y=y, train=train, rngs=rngs)
+    return apply_fn
