@@ -20,9 +20,17 @@ setup(
         "matplotlib>=3.8",
         "Pillow>=10",
         "tqdm>=4.66",
+        # Datasets: TFDS builders read through array_record + grain, with no TensorFlow at run time.
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "array_record>=0.8.6",
+        "importlib_resources",  # etils.epath needs it when TFDS runs without TensorFlow
+        "scikit-learn>=1.3",  # ships the 8x8 digits used offline
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        # tf.data input stack and `tfds build` of image datasets (TFDS encodes PNGs with TensorFlow).
+        "tf": ["tensorflow-cpu>=2.21"],
+        "test": ["tensorflow-cpu>=2.21", "pytest>=8", "pytest-timeout", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["sdejax=sdejax.cli:run"]},
 )
