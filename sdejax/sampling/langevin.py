@@ -1,0 +1,131 @@
+"""Langevin dynamics: annealed (NCSN, Song & Ermon 2019, Alg. 1) and plain, with step x ← x + (α/2) s + sqrt(α) z.
+
+Annealed: for noise levels σ_1 > … > σ_L, n_steps_each steps at each level with α_i = step_lr·σ_i²/σ_L²
+and the score of p_{σ_i}, i.e. `score_fn(x, t_i)` at the time t_i with σ(t_i) = σ_i. The SDE must be
+variance exploding (α_t = 1), so that p_{t_i} is the data convolved with N(0, σ_i² I); t_i is found by
+bisection on `marginal_coeffs`, so any such SDE works, not only `VESDE`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdejax.sampling.ddim import score_pytree, x0_estimate
+from sdejax.sde import SDE
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+
+def t_of_sigma(sde: SDE, sigmas, iters: int = 40) -> Array:
+    """Times t ∈ [0, T] with σ_t = sigmas, by bisection (σ_t from `marginal_coeffs`, increasing in t).
+
+    Raises ValueError for σ outside [σ_0, σ_T] or an SDE whose σ_t is not increasing.
+    """
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    lo_sigma, hi_sigma = (float(sde.marginal_coeffs(jnp.array([v], jnp.float32))[1][0]) for v in (0.0, sde.T))
+    if not hi_sigma > lo_sigma:
+        raise ValueError(f"{type(sde).__name__}: sigma_t must increase from t=0 to T; got {lo_sigma} -> {hi_sigma}")
+    s = np.asarray(sigmas)
+    if np.any(s < lo_sigma * (1 - 1e-5)) or np.any(s > hi_sigma * (1 + 1e-5)):
+        raise ValueError(
+            f"sigmas must lie in [sigma(0), sigma(T)] = [{lo_sigma:g}, {hi_sigma:g}] of {type(sde).__name__}; "
+            f"got range [{s.min():g}, {s.max():g}]"
+        )
+    lo, hi = jnp.zeros_like(sigmas), jnp.full_like(sigmas, sde.T)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = sde.marginal_coeffs(mid)[1] < sigmas
+        lo, hi = jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def default_sigmas(sde: SDE) -> np.ndarray:
+    """N levels geometric from σ_T down to σ_0 (for `VESDE`: its `discrete_sigmas`, descending)."""
+    ends = sde.marginal_coeffs(jnp.array([sde.T, 0.0], jnp.float32))[1]
+    return np.geomspace(float(ends[0]), float(ends[1]), sde.N)
+
+
+@functools.partial(jax.jit, static_argnames=("sde", "denoise"))
+def _annealed(rng, score_fn, x, sigmas, ts, n_steps_each, step_lr, *, sde, denoise):
+    ones = jnp.ones(x.shape[:1], x.dtype)
+
+    def body(k, x):
+        i = k // n_steps_each
+        alpha = step_lr * (sigmas[i] / sigmas[-1]) ** 2
+        z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
+        return x + 0.5 * alpha * score_fn(x, ts[i] * ones) + jnp.sqrt(alpha) * z
+
+    x = jax.lax.fori_loop(0, sigmas.shape[0] * n_steps_each, body, x)
+    return x0_estimate(sde, score_fn, x, ts[-1] * ones) if denoise else x
+
+
+def annealed_langevin_sample(
+    rng: Array,
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: tuple[int, ...],
+    n_steps_each: int,
+    step_lr: float,
+    denoise: bool = True,
+    init: Array | None = None,
+    sigmas=None,
+) -> tuple[Array, int]:
+    """Annealed Langevin dynamics (module docstring); returns `(samples, nfe)`, NFE = L·n_steps_each + denoise.
+
+    `sigmas`: descending noise levels (default `default_sigmas(sde)`); `init`: initial samples of `shape`
+    (default: the prior). `denoise` ends with Tweedie's x + σ_L² s(x, t_L) (NCSNv2's final step).
+    """
+    if int(n_steps_each) != n_steps_each or n_steps_each < 1:
+        raise ValueError(f"n_steps_each must be an integer >= 1; got {n_steps_each}")
+    if not step_lr > 0:
+        raise ValueError(f"step_lr must be > 0; got {step_lr}")
+    alphas = np.asarray(sde.marginal_coeffs(jnp.linspace(0.0, sde.T, 11))[0])
+    if not np.allclose(alphas, 1.0, rtol=0, atol=1e-6):
+        raise ValueError(
+            f"annealed Langevin needs a variance-exploding SDE (alpha_t = 1); {type(sde).__name__} has "
+            f"alpha_t in [{alphas.min():.4g}, {alphas.max():.4g}] on [0, T]"
+        )
+    sigmas = default_sigmas(sde) if sigmas is None else np.asarray(sigmas, np.float64)
+    if sigmas.ndim != 1 or sigmas.size < 1 or np.any(np.diff(sigmas) >= 0):
+        raise ValueError(f"sigmas must be a non-empty 1-D descending array; got {sigmas}")
+    ts = t_of_sigma(sde, sigmas)
+    init_rng, rng = jax.random.split(rng)
+    if init is None:
+        init = sde.prior_sampling(init_rng, tuple(shape))
+    elif tuple(jnp.shape(init)) != tuple(shape):
+        raise ValueError(f"init must have shape {tuple(shape)}; got {jnp.shape(init)}")
+    x = _annealed(
+        rng, score_pytree(score_fn), jnp.asarray(init, jnp.float32), jnp.asarray(sigmas, jnp.float32), ts,
+        int(n_steps_each), float(step_lr), sde=sde, denoise=bool(denoise),
+    )
+    return x, sigmas.size * int(n_steps_each) + int(denoise)
+
+
+@jax.jit
+def _plain(rng, score_fn, x, n_steps, step_size):
+    def body(k, x):
+        z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
+        return x + 0.5 * step_size * score_fn(x) + jnp.sqrt(step_size) * z
+
+    return jax.lax.fori_loop(0, n_steps, body, x)
+
+
+def langevin_sample(
+    rng: Array, score_fn_at_data: Callable[[Array], Array], init: Array, n_steps: int, step_size: float
+) -> tuple[Array, int]:
+    """Unannealed Langevin x ← x + (α/2) ∇log p(x) + sqrt(α) z with the data score `score_fn_at_data(x)`.
+
+    Returns `(samples, nfe = n_steps)`. For multimodal data it keeps the mode proportions of `init`:
+    in the low-density regions between modes the score is negligible (the point of NCSN).
+    """
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0; got {step_size}")
+    x = _plain(rng, score_pytree(score_fn_at_data), jnp.asarray(init), int(n_steps), float(step_size))
+    return x, int(n_steps)
