@@ -20,6 +20,8 @@ Array = jax.Array
 class DDPM(nn.Module):
     """DDPM score network. Call: (x NHWC, labels (B,), y=None, train=False) -> NHWC.
 
+    conditional=False drops the noise-level embedding (the network never sees `labels`).
+
     With scale_by_sigma the output is divided by σ[labels] (SMLD-style training, integer labels).
     """
     nf: int = 128
@@ -31,6 +33,7 @@ class DDPM(nn.Module):
     centered: bool = True
     dropout: float = 0.1
     resamp_with_conv: bool = True
+    conditional: bool = True
     scale_by_sigma: bool = False
     nonlinearity: str = "swish"
     sigma_min: float = 0.01
@@ -52,10 +55,14 @@ class DDPM(nn.Module):
         nf, n_res = self.nf, len(self.ch_mult)
         resolutions = [self.image_size // 2 ** i for i in range(n_res)]
 
-        temb = layers.timestep_embedding(labels, nf)
-        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(temb)
-        temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(act(temb))
-        temb = conditioning.add_class_embedding(temb, y, self.num_classes, dt)
+        temb = None
+        if self.conditional:
+            temb = layers.timestep_embedding(labels, nf)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(temb)
+            temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(act(temb))
+            temb = conditioning.add_class_embedding(temb, y, self.num_classes, dt)
+        elif self.num_classes > 0 or y is not None:
+            raise ValueError("class conditioning needs model.conditional = True")
 
         def resblock(h: Array, out_ch: Optional[int] = None) -> Array:
             return layers.ResnetBlockDDPM(act=act, out_ch=out_ch, dropout=self.dropout, groups=32,

@@ -175,7 +175,7 @@ class Combine(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, y: Array) -> Array:
-        h = conv(y.shape[-1], 1, dtype=self.dtype, name="Conv")(x)
+        h = conv(y.shape[-1], 1, dtype=self.dtype, name="Conv_0")(x)
         if self.method == "cat":
             return jnp.concatenate([h, y], axis=-1)
         if self.method == "sum":

@@ -113,9 +113,12 @@ class NCSNpp(nn.Module):
             return layers.AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale,
                                     dtype=dt, name=next(names))(h)
 
-        def resample(cls: type, h: Array, with_conv: bool, out_ch: Optional[int] = None) -> Array:
+        def resample(cls: type, h: Array, with_conv: bool, out_ch: Optional[int] = None,
+                     pyramid: bool = False) -> Array:
+            # The reference keeps parameter-free pyramid resamplers out of its module list.
+            name = None if pyramid and not with_conv else next(names)
             return cls(out_ch=out_ch, with_conv=with_conv, fir=self.fir, fir_kernel=self.fir_kernel,
-                       dtype=dt, name=next(names))(h)
+                       dtype=dt, name=name)(h)
 
         def norm_act_conv(h: Array, out_ch: int, init_scale: float = 1.0) -> Array:
             h = act(layers.group_norm(h.shape[-1], dtype=dt, name=next(names))(h))
@@ -141,10 +144,10 @@ class NCSNpp(nn.Module):
             else:
                 h = resblock(hs[-1], down=True)
             if self.progressive_input == "input_skip":
-                input_pyramid = resample(layers.Downsample, input_pyramid, False)
+                input_pyramid = resample(layers.Downsample, input_pyramid, False, pyramid=True)
                 h = layers.Combine(self.progressive_combine, dtype=dt, name=next(names))(input_pyramid, h)
             elif self.progressive_input == "residual":
-                input_pyramid = resample(layers.Downsample, input_pyramid, True, h.shape[-1])
+                input_pyramid = resample(layers.Downsample, input_pyramid, True, h.shape[-1], pyramid=True)
                 input_pyramid = input_pyramid + h
                 if self.skip_rescale:
                     input_pyramid = input_pyramid / np.sqrt(2.0)
@@ -164,14 +167,14 @@ class NCSNpp(nn.Module):
                 h = attn(h)
             if self.progressive == "output_skip":
                 if pyramid is not None:
-                    pyramid = resample(layers.Upsample, pyramid, False)
+                    pyramid = resample(layers.Upsample, pyramid, False, pyramid=True)
                 pyramid_h = norm_act_conv(h, self.num_channels, self.init_scale)
                 pyramid = pyramid_h if pyramid is None else pyramid + pyramid_h
             elif self.progressive == "residual":
                 if pyramid is None:
                     pyramid = norm_act_conv(h, h.shape[-1])
                 else:
-                    pyramid = resample(layers.Upsample, pyramid, True, h.shape[-1])
+                    pyramid = resample(layers.Upsample, pyramid, True, h.shape[-1], pyramid=True)
                     pyramid = pyramid + h
                     if self.skip_rescale:
                         pyramid = pyramid / np.sqrt(2.0)

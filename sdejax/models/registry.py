@@ -56,7 +56,7 @@ def _ncsnpp(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def _ddpm(config: ml_collections.ConfigDict) -> nn.Module:
-    return DDPM(**_common(config), **_unet_common(config.model))
+    return DDPM(**_common(config), **_unet_common(config.model), conditional=config.model.conditional)
 
 
 def _ncsnv2(variant: int) -> Callable[[ml_collections.ConfigDict], nn.Module]:
@@ -101,7 +101,7 @@ def init_model(config: ml_collections.ConfigDict, rng: Array, batch_size: int = 
     """Build the model and its variables ({'params': ..., possibly 'constants': ...})."""
     model = get_model(config)
     x, labels = dummy_inputs(config, batch_size)
-    return model, model.init({"params": rng}, x, labels, train=False)
+    return model, jax.jit(lambda key: model.init({"params": key}, x, labels, train=False))(rng)
 
 
 def count_params(variables: Any) -> int:

@@ -1,0 +1,9 @@
+"""NCSN++ on CelebA 64x64, VE SDE, discrete SMLD training."""
+from configs import _common
+from configs.default_celeba_configs import get_default_configs
+
+
+def get_config():
+    config = _common.ncsnpp(get_default_configs(), embedding_type='positional')
+    config.training.continuous = False
+    return config

@@ -1,0 +1,8 @@
+"""NCSN++ (deep) on CIFAR-10, VE SDE, continuous training."""
+from configs import _common
+from configs.default_cifar10_configs import get_default_configs
+
+
+def get_config():
+    config = _common.ncsnpp(get_default_configs(), num_res_blocks=8)
+    return config

@@ -1,0 +1,10 @@
+"""NCSN (v1) on CelebA 32x32 (as in the NCSN paper): 10 levels in [0.01, 1]."""
+from configs import _common
+from configs.default_celeba_configs import get_default_configs
+
+
+def get_config():
+    config = _common.refinenet(get_default_configs(), name='ncsn', sigma_max=1., num_scales=10, snr=0.316,
+                               n_steps_each=100, ema_rate=0.)
+    config.data.image_size = 32
+    return config

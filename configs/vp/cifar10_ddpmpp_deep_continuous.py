@@ -1,0 +1,8 @@
+"""DDPM++ (deep) on CIFAR-10, VP SDE, continuous training."""
+from configs import _common
+from configs.default_cifar10_configs import get_default_configs
+
+
+def get_config():
+    config = _common.ddpmpp(_common.set_sde(get_default_configs(), 'vpsde', continuous=True), num_res_blocks=8)
+    return config
