@@ -25,6 +25,8 @@ from sdejax.evaluation.inception_weights import load_state_dict
 SIZE = 299
 NUM_CLASSES = 1008
 BN_EPS = 1e-3
+PREPROCESSING = ("pytorch-fid: float RGB in [0, 1], bilinear resize to 299x299 (half-pixel centres, "
+                 "no antialias), x -> 2x - 1; FID Inception-v3 pool3 (2048) features")
 STAGES = (
     "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "block0_maxpool1", "Conv2d_3b_1x1",
     "Conv2d_4a_3x3", "block1_maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
@@ -277,11 +279,19 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"state_dict[{name!r}] has shape {np.shape(value)}, which does not map "
                              f"to the expected {collection} shape {want}")
         flat[collection][path] = array
-    missing = [".".join(p) for c in flat for p in expected[c] if p not in flat[c]]
+    missing = [_torch_name(c, p) for c in flat for p in expected[c] if p not in flat[c]]
     if unknown or missing:
         raise KeyError(f"state_dict does not match the FID Inception-v3: unknown names {unknown[:5]}"
                        f" ({len(unknown)} in all), missing {missing[:5]} ({len(missing)} in all)")
     return {c: _unflatten(flat[c]) for c in flat}
+
+
+def _torch_name(collection: str, path: tuple[str, ...]) -> str:
+    """Inverse of _LEAF_MAP: the state_dict name of a Flax variable path."""
+    for (module, torch_leaf), (coll, leaf, _) in _LEAF_MAP.items():
+        if (coll, module, leaf) == (collection, path[-2], path[-1]):
+            return ".".join(path[:-1] + (torch_leaf,))
+    raise AssertionError(f"no state_dict name for {collection}/{'/'.join(path)}")
 
 
 def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict[str, Any]:
