@@ -20,6 +20,7 @@ setup(
         "matplotlib>=3.8",
         "Pillow>=10",
         "tqdm>=4.66",
+        "lineax",  # ships with diffrax; imported directly for diagonal diffusion operators
         # Datasets: TFDS builders read through array_record + grain, with no TensorFlow at run time.
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
