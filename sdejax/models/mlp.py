@@ -1,0 +1,67 @@
+"""Time-conditioned MLP for low-dimensional (toy) data.
+
+    e = embed(labels);   h₀ = W_in x;   h_{l+1} = h_l + W_l₂ act(W_l₁ act(h_l) + U_l e);   out = W_out act(h_L)
+
+The noise labels are what `sdejax.score.network_inputs` passes (VE: σ(t); VP/sub-VP: 999 t).
+`embedding_type="fourier"` embeds log(labels) with Gaussian random features (as NCSN++ does for
+σ; suited to VE), `"positional"` embeds the labels themselves sinusoidally (as DDPM; suited to
+999 t). Inputs of any trailing shape are flattened and the output is reshaped like x.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdejax.models.layers import GaussianFourierProjection, get_act, timestep_embedding
+
+Array = jax.Array
+
+EMBEDDINGS = ("fourier", "positional")
+
+
+class MLP(nn.Module):
+    """Residual MLP score network: (x (B, ...), labels (B,)) -> like x."""
+
+    features: int = 128
+    depth: int = 3
+    embedding_type: str = "positional"
+    embedding_size: int = 64
+    fourier_scale: float = 16.0
+    nonlinearity: str = "swish"
+
+    def setup(self):
+        if self.embedding_type not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding_type {self.embedding_type!r}; valid: {list(EMBEDDINGS)}")
+        if self.depth < 1 or self.features < 1:
+            raise ValueError(f"depth and features must be >= 1; got depth={self.depth}, features={self.features}")
+
+    @nn.compact
+    def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+        if labels.shape != x.shape[:1]:
+            raise ValueError(f"labels must have shape (batch,) = {x.shape[:1]}; got {labels.shape}")
+        act = get_act(self.nonlinearity)
+        if self.embedding_type == "fourier":
+            emb = GaussianFourierProjection(self.embedding_size // 2, self.fourier_scale)(jnp.log(labels))
+        else:
+            emb = timestep_embedding(labels, self.embedding_size)
+        emb = nn.Dense(self.features)(act(nn.Dense(self.features)(emb)))
+        h = nn.Dense(self.features)(jnp.reshape(x, (x.shape[0], -1)))
+        for _ in range(self.depth):
+            z = nn.Dense(self.features)(act(h)) + nn.Dense(self.features)(emb)
+            h = h + nn.Dense(self.features)(act(z))
+        out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros)(act(h))
+        return jnp.reshape(out, x.shape)
+
+
+def make_apply_fn(model: nn.Module) -> Callable[..., Array]:
+    """`apply_fn(params, x, labels, *, train=False, rng=None)` with params the full variables dict
+    (the Fourier projection keeps its frozen W in the "constants" collection)."""
+
+    def apply_fn(params: Any, x: Array, labels: Array, *, train: bool = False, rng: Optional[Array] = None) -> Array:
+        del rng  # no dropout
+        return model.apply(params, x, labels, train=train)
+
+    return apply_fn

@@ -1,0 +1,67 @@
+"""Train state (params, optimizer state, EMA params, step, rng — all pytrees), the optax optimizer
+from `config.optim`, and the exponential moving average of the parameters."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Array = jax.Array
+
+OPTIMIZERS = ("Adam", "AdamW")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes. `rng` is a raw uint32 key (orbax-friendly);
+    `params` is a Flax variables dict, of which only the "params" collection is trained."""
+
+    step: Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: Array
+
+
+def _trainable_labels(params: Any) -> Any:
+    """"train" for leaves of the "params" collection, "frozen" for the rest (e.g. Fourier W)."""
+    return {k: jax.tree_util.tree_map(lambda _: "train" if k == "params" else "frozen", v) for k, v in params.items()}
+
+
+def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) (if > 0) → Adam(lr·min(1, step/warmup), beta1, eps)
+    (+ decoupled weight decay for AdamW; AMSGrad with `optim.amsgrad`, as NCSN), applied to the
+    "params" collection only.
+
+    As the original, the learning rate ramps linearly from 0 over `warmup` steps.
+    """
+    if optim.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; valid: {list(OPTIMIZERS)}")
+    lr = optax.linear_schedule(0.0, optim.lr, optim.warmup) if optim.warmup > 0 else optim.lr
+    if optim.optimizer == "AdamW":
+        if optim.get("amsgrad", False):
+            raise ValueError("optim.amsgrad is supported with optim.optimizer = 'Adam' only")
+        opt = optax.adamw(lr, b1=optim.beta1, eps=optim.eps, weight_decay=optim.weight_decay)
+    else:
+        if optim.weight_decay:
+            raise ValueError("optim.weight_decay needs optim.optimizer = 'AdamW' (decoupled decay)")
+        adam = optax.amsgrad if optim.get("amsgrad", False) else optax.adam
+        opt = adam(lr, b1=optim.beta1, eps=optim.eps)
+    chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    tx = optax.chain(*chain, opt)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _trainable_labels)
+
+
+def ema_update(ema: Any, params: Any, rate: float) -> Any:
+    """ema ← rate·ema + (1 − rate)·params."""
+    return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    """Step 0, EMA initialised to the parameters."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params, rng=jnp.asarray(rng))

@@ -1,0 +1,170 @@
+"""Training loop: exact resume, NaN handling, config errors, the CLI modes.
+
+All runs share one tiny config (an MLP of width 16), so the jitted steps compile once (and hit the
+persistent cache afterwards).
+"""
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+
+from sdejax import cli
+from sdejax.training import loop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+N = 10  # steps per phase; checkpoints, logs and dispatches every N steps
+
+
+def default_config():
+    spec = importlib.util.spec_from_file_location("default_toy", ROOT / "configs" / "default_toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+TINY = {
+    "training.batch_size": 32, "training.n_iters": 2 * N, "training.n_jitted_steps": N, "training.log_freq": N,
+    "training.eval_freq": N, "training.snapshot_freq": N, "training.snapshot_freq_for_preemption": N,
+    "model.features": 16, "model.depth": 1, "model.embedding_size": 16, "model.num_scales": 25,
+    "data.num_heldout": 64, "eval.num_samples": 64, "eval.batch_size": 64, "eval.enable_bpd": False,
+    "optim.warmup": 0, "eval.after_training": False,
+}
+
+
+def tiny_config(**overrides):
+    config = default_config()
+    for key, value in {**TINY, **overrides}.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def _leaves(state):
+    return jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+
+
+def assert_states_equal(a, b):
+    (la, ta), (lb, tb) = _leaves(a), _leaves(b)
+    assert ta == tb
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory):
+    """A workdir trained for N steps (checkpoint at N)."""
+    workdir = tmp_path_factory.mktemp("half")
+    loop.train(tiny_config(**{"training.n_iters": N}), workdir)
+    return workdir
+
+
+def test_resume_is_bitwise_exact(half_run, tmp_path):
+    """2N steps straight == N steps + restore + N steps: params, opt state, EMA, step and rng."""
+    straight = tmp_path / "straight"
+    loop.train(tiny_config(), straight)
+    resumed = tmp_path / "resumed"
+    for path in (half_run / "checkpoints").iterdir():  # continue a copy of the N-step run
+        (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(path, resumed / "checkpoints" / path.name)
+    loop.train(tiny_config(), resumed)
+    a, b = loop.setup(tiny_config(), straight).state, loop.setup(tiny_config(), resumed).state
+    assert int(a.step) == 2 * N
+    assert_states_equal(a, b)
+    assert not np.array_equal(jax.tree_util.tree_leaves(a.params)[0], jax.tree_util.tree_leaves(a.ema_params)[0])
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(half_run, tmp_path):
+    """A learning rate of 1e30 from step N on overflows the parameters: the loss at step N + 1 is
+    non-finite; the error names that step and the quantity, and the step-N checkpoint is untouched."""
+    workdir = tmp_path / "nan"
+    shutil.copytree(half_run, workdir)
+    good = loop.setup(tiny_config(), workdir).state
+    with pytest.raises(loop.NonFiniteError, match=rf"non-finite loss = .* at training step {N + 1}"):
+        loop.train(tiny_config(**{"optim.lr": 1e30}), workdir)
+    s = loop.setup(tiny_config(), workdir)
+    assert s.checkpointer.all_steps() == [N]
+    assert_states_equal(s.state, good)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("data.dataset", "moons", "unknown toy dataset 'moons'"),
+    ("model.name", "resnet", "unknown model.name 'resnet'"),
+    ("optim.optimizer", "SGD", "unknown optim.optimizer 'SGD'"),
+    ("training.sde", "edm", "unknown training.sde 'edm'"),
+    ("training.batchsize", 32, r"unknown config key\(s\) \['training.batchsize'\]"),
+    ("model.width", 32, r"unknown config key\(s\) \['model.width'\]"),
+    ("model.embedding_type", "learned", "unknown embedding_type 'learned'"),
+])
+def test_bad_config_fails_fast(key, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        loop.setup(tiny_config(**{key: value}), tmp_path)
+
+
+def test_missing_key_and_unknown_sampler(tmp_path):
+    config = tiny_config()
+    del config.training["sde"]
+    with pytest.raises(ValueError, match=r"missing config key\(s\) \['training.sde'\]"):
+        loop.setup(config, tmp_path)
+    with pytest.raises(ValueError, match="unknown sampling method 'ddim'"):
+        loop.draw_samples(loop.setup(tiny_config(), tmp_path), "ddim", 4, jax.random.PRNGKey(0))
+
+
+def _cli(monkeypatch, *args):
+    """Parse flags and run `cli.main` in-process (config overrides are read from sys.argv)."""
+    argv = ["sdejax", f"--config={cli.DEFAULT_CONFIG}", *args]
+    monkeypatch.setattr("sys.argv", argv)
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # per-parse override flags
+        delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    cli.main(["sdejax"])
+
+
+def test_cli_train_eval_sample(tmp_path, capsys, monkeypatch):
+    overrides = [f"--config.{k}={v}" for k, v in {**TINY, "eval.after_training": True}.items()]
+    workdir = tmp_path / "cli"
+    _cli(monkeypatch, f"--workdir={workdir}", "--mode=train", *overrides)
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == 2 * N and np.isfinite(metrics["final_loss"])
+    assert set(metrics["samplers"]) == {"pc", "ode"} and metrics["samplers"]["pc"]["nfe"] > 0
+    assert (workdir / "samples.png").stat().st_size > 0 and (workdir / "checkpoints" / str(2 * N)).is_dir()
+    _cli(monkeypatch, f"--workdir={workdir}", "--mode=eval", *overrides)
+    assert np.isfinite(json.loads((workdir / "eval_metrics.json").read_text())["heldout_loss"])
+    _cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--config.sampling.method=ode", *overrides)
+    samples = np.load(workdir / "samples" / f"samples_{2 * N}.npz")["samples"]
+    assert samples.shape == (64, 2) and np.all(np.isfinite(samples))
+    assert (workdir / "samples" / f"samples_{2 * N}.png").is_file()
+    capsys.readouterr()
+
+
+def test_quick_start_reaches_true_entropy(tmp_path):
+    """The default config (≈ 8000 Adam steps of a width-64 MLP, < 60 s on 2 cores) reaches held-out
+    bits/dim within 0.05 of the true entropy H = −E log p / (2 ln 2), estimated by Monte Carlo with 2·10⁵
+    draws of the true density (SE ≈ 0.002). The held-out mean over 5000 points has SE ≈ 0.011, so
+    0.05 leaves ≥ 4 SE for noise once the model's KL gap is ≲ 0.005 bits/dim. The ODE tolerance is
+    loosened to 1e-3: halving it down to 1e-5 moved the mean by 3e-4 bits/dim (measured), ≪ 0.05."""
+    config = default_config()
+    config.eval.enable_sampling = False
+    config.eval.rtol = config.eval.atol = 1e-3
+    metrics = loop.train(config, tmp_path)
+    bpd, true = metrics["heldout"]["bits_per_dim"], metrics["true_entropy"]["bits_per_dim"]
+    print(f"held-out bits/dim {bpd:.4f} ± {metrics['heldout']['bits_per_dim_se']:.4f}, true entropy {true:.4f}, "
+          f"training {metrics['train_wall_s']:.1f} s")
+    assert abs(bpd - true) < 0.05
+
+
+def test_mlp_output_shape_and_label_check():
+    from sdejax.models.mlp import MLP, make_apply_fn
+
+    model = MLP(features=8, depth=1, embedding_type="fourier", embedding_size=8)
+    x = jax.numpy.ones((3, 2, 5))
+    variables = model.init({"params": jax.random.PRNGKey(0)}, x, jax.numpy.ones((3,)))
+    assert set(variables) == {"params", "constants"}  # the Fourier W is frozen, not trained
+    assert make_apply_fn(model)(variables, x, jax.numpy.ones((3,))).shape == x.shape
+    with pytest.raises(ValueError, match=r"labels must have shape \(batch,\)"):
+        make_apply_fn(model)(variables, x, jax.numpy.ones((3, 1)))
