@@ -107,6 +107,14 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0; got {value}")
 
 
+def _check_betas(beta_min: float, beta_max: float, n: int) -> None:
+    _positive("beta_min", beta_min)
+    if not beta_max >= beta_min:
+        raise ValueError(f"beta_max must be >= beta_min; got {beta_max} < {beta_min}")
+    if n < 1:
+        raise ValueError(f"N must be >= 1; got {n}")
+
+
 @_static_dataclass
 class VESDE(SDE):
     """Variance exploding SDE: dx = sqrt(d σ²(t)/dt) dw, σ(t) = σ_min (σ_max/σ_min)^t.
@@ -170,11 +178,7 @@ class VPSDE(SDE):
     N: int = 1000
 
     def __post_init__(self):
-        _positive("beta_min", self.beta_min)
-        if not self.beta_max >= self.beta_min:
-            raise ValueError(f"beta_max must be >= beta_min; got {self.beta_max} < {self.beta_min}")
-        if self.N < 1:
-            raise ValueError(f"N must be >= 1; got {self.N}")
+        _check_betas(self.beta_min, self.beta_max, self.N)
         if self.beta_max / self.N >= 1:
             raise ValueError(
                 f"{type(self).__name__}(beta_max={self.beta_max}, N={self.N}): the discrete DDPM betas "
@@ -229,11 +233,7 @@ class subVPSDE(VPSDE):
     """
 
     def __post_init__(self):
-        _positive("beta_min", self.beta_min)
-        if not self.beta_max >= self.beta_min:
-            raise ValueError(f"beta_max must be >= beta_min; got {self.beta_max} < {self.beta_min}")
-        if self.N < 1:
-            raise ValueError(f"N must be >= 1; got {self.N}")
+        _check_betas(self.beta_min, self.beta_max, self.N)
 
     def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
         check_time(x, t)
