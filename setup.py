@@ -21,6 +21,7 @@ setup(
         "Pillow>=10",
         "tqdm>=4.66",
         "lineax",  # ships with diffrax; imported directly for diagonal diffusion operators
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (clu's writer needs TF)
         # Datasets: TFDS builders read through array_record + grain, with no TensorFlow at run time.
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",

@@ -21,6 +21,12 @@ Likelihood weighting replaces λ by g(t)² (the weight for which the loss bounds
 2021 "Maximum likelihood training of score-based diffusion models"), i.e. the weight on ‖e_p‖² is
 g²/(σ k_p)². Each factory returns `loss_fn(params, rng, batch) -> (loss, aux)` with `batch["x"]`
 the data, `aux = {"losses": per-example losses, "t": times or labels}`; jit- and grad-safe.
+
+Per-example randomness (t or label, z) is drawn from `fold_in(key, i)` with i the example's global
+index in the step's batch, `batch["index"]` (default 0..n−1). A data-parallel or gradient-
+accumulated step that passes each shard its global indices therefore draws exactly the noise of
+the unsplit batch, whatever the device count. The network's own key (dropout) folds in the first
+index, so devices and microbatches draw distinct dropout masks.
 """
 from __future__ import annotations
 
@@ -68,6 +74,22 @@ def _check_batch(batch: dict) -> Array:
     return batch["x"]
 
 
+def _example_keys(rng: Array, batch: dict) -> tuple[Array, Array, Array]:
+    """(time/label keys, noise keys) per example, fold_in(k, index), and the network key."""
+    n = batch["x"].shape[0]
+    index = batch.get("index")
+    index = jnp.arange(n) if index is None else index
+    if index.shape != (n,):
+        raise ValueError(f"batch['index'] must have shape ({n},); got {index.shape}")
+    t_rng, z_rng, net_rng = jax.random.split(rng, 3)
+    fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+    return fold(t_rng, index), fold(z_rng, index), jax.random.fold_in(net_rng, index[0])
+
+
+def _per_example_normal(keys: Array, x0: Array) -> Array:
+    return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(keys)
+
+
 def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma, prediction, weight, reduce_mean):
     """weight · reduce(‖out − target_p‖²) per example, with x_t = α x_0 + σ z."""
     a, s = batch_broadcast(alpha, x0), batch_broadcast(sigma, x0)
@@ -95,10 +117,9 @@ def log_snr_inverse_cdf(sde: SDE, eps: float, n: int = 4096) -> tuple[np.ndarray
     return t[keep], f[keep]
 
 
-def _importance_times(rng: Array, grid_t: Array, grid_f: Array, n: int) -> tuple[Array, Array]:
-    """t ~ q, the piecewise-uniform density with CDF linear between the grid points (t_i, F_i),
-    and its density q(t) = (F_{i+1} − F_i) / ((t_{i+1} − t_i)(F_end − F_0))."""
-    u = jax.random.uniform(rng, (n,), grid_f.dtype)
+def _importance_times(u: Array, grid_t: Array, grid_f: Array) -> tuple[Array, Array]:
+    """t ~ q from u ~ U[0, 1), q the piecewise-uniform density with CDF linear between the grid
+    points (t_i, F_i), and its density q(t) = (F_{i+1} − F_i) / ((t_{i+1} − t_i)(F_end − F_0))."""
     f = grid_f[0] + u * (grid_f[-1] - grid_f[0])
     i = jnp.clip(jnp.searchsorted(grid_f, f, side="right") - 1, 0, grid_f.shape[0] - 2)
     df, dt = grid_f[i + 1] - grid_f[i], grid_t[i + 1] - grid_t[i]
@@ -135,13 +156,13 @@ def get_sde_loss_fn(
 
     def loss_fn(params: Any, rng: Array, batch: dict) -> tuple[Array, dict]:
         x0 = _check_batch(batch)
-        t_rng, z_rng, net_rng = jax.random.split(rng, 3)
-        n = x0.shape[0]
+        t_keys, z_keys, net_rng = _example_keys(rng, batch)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), x0.dtype))(t_keys)
         if importance_weighting:
-            t, q = _importance_times(t_rng, grid_t, grid_f, n)
+            t, q = _importance_times(u, grid_t, grid_f)
             time_weight = 1.0 / (q * (sde.T - eps))
         else:
-            t = jax.random.uniform(t_rng, (n,), x0.dtype, eps, sde.T)
+            t = eps + u * (sde.T - eps)
             time_weight = jnp.ones_like(t)
         alpha, sigma = sde.marginal_coeffs(t)
         if likelihood_weighting:
@@ -150,7 +171,7 @@ def get_sde_loss_fn(
         else:
             weight = sigma**2 if prediction == "score" else jnp.ones_like(sigma)
         labels, _, _ = network_inputs(sde, t, continuous)
-        z = jax.random.normal(z_rng, x0.shape, x0.dtype)
+        z = _per_example_normal(z_keys, x0)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
                                    prediction, weight * time_weight, reduce_mean)
         return jnp.mean(losses), {"losses": losses, "t": t}
@@ -164,11 +185,11 @@ def _discrete_loss_fn(apply_fn, train, reduce_mean, alphas, sigmas, prediction) 
 
     def loss_fn(params: Any, rng: Array, batch: dict) -> tuple[Array, dict]:
         x0 = _check_batch(batch)
-        l_rng, z_rng, net_rng = jax.random.split(rng, 3)
-        labels = jax.random.randint(l_rng, (x0.shape[0],), 0, sigmas.shape[0])
+        l_keys, z_keys, net_rng = _example_keys(rng, batch)
+        labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, sigmas.shape[0]))(l_keys)
         alpha, sigma = alphas[labels], sigmas[labels]
         weight = sigma**2 if prediction == "score" else jnp.ones_like(sigma)
-        z = jax.random.normal(z_rng, x0.shape, x0.dtype)
+        z = _per_example_normal(z_keys, x0)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
                                    prediction, weight, reduce_mean)
         return jnp.mean(losses), {"losses": losses, "t": labels}

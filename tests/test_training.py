@@ -114,9 +114,9 @@ def test_missing_key_and_unknown_sampler(tmp_path):
         loop.draw_samples(loop.setup(tiny_config(), tmp_path), "ddim", 4, jax.random.PRNGKey(0))
 
 
-def _cli(monkeypatch, *args):
+def _cli(monkeypatch, *args, config=cli.DEFAULT_CONFIG):
     """Parse flags and run `cli.main` in-process (config overrides are read from sys.argv)."""
-    argv = ["sdejax", f"--config={cli.DEFAULT_CONFIG}", *args]
+    argv = ["sdejax", f"--config={config}", *args]
     monkeypatch.setattr("sys.argv", argv)
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # per-parse override flags
         delattr(flags.FLAGS, name)

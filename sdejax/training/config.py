@@ -19,15 +19,22 @@ _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "optim": {"weight_decay", "optimizer", "lr", "beta1", "eps", "warmup", "grad_clip", "amsgrad"},
 }
 _SDEJAX_KEYS: dict[str, set[str]] = {
-    # importance_weighting: t ~ g²/σ² (likelihood weighting); keep_checkpoints: orbax max_to_keep.
-    "training": {"importance_weighting", "keep_checkpoints"},
+    # importance_weighting: t ~ g²/σ² (likelihood weighting); keep_checkpoints: how many rolling
+    # (preemption) checkpoints to keep besides the snapshots; parallelism: "jit" (Mesh) or "pmap";
+    # grad_accum_steps: microbatches per optimizer step; snapshot_num_samples: samples drawn at snapshots.
+    "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
+                 "snapshot_num_samples"},
     # rtol/atol: probability-flow ODE tolerances for sampling.
     "sampling": {"rtol", "atol"},
     # after_training: run the eval/sampling report when training ends (the quick start);
-    # divergence/num_probes/rtol/atol: PF-ODE likelihood settings.
-    "eval": {"after_training", "divergence", "num_probes", "rtol", "atol"},
-    # toy data: constructor kwargs, finite training-set size (0 = fresh samples), held-out size.
-    "data": {"dataset_kwargs", "num_train", "num_heldout"},
+    # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
+    # bits/dim on the first n held-out batches only (0 or absent: all).
+    "eval": {"after_training", "divergence", "num_probes", "rtol", "atol", "num_bpd_batches"},
+    # toy data: constructor kwargs, finite training-set size (0 = fresh samples), held-out size;
+    # TFDS image data: where records live, input stack ("grain" or "tf"), download permission and
+    # reader settings (see sdejax.data.datasets).
+    "data": {"dataset_kwargs", "num_train", "num_heldout", "data_dir", "stack", "download", "num_threads",
+             "prefetch", "num_workers"},
     "optim": set(),
 }
 VALID_KEYS = {k: _SCORE_SDE_KEYS[k] | _SDEJAX_KEYS[k] for k in _SCORE_SDE_KEYS}

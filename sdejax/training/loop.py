@@ -1,29 +1,40 @@
-"""Drivers behind `sdejax --mode=train|eval|sample`: build everything from a config, train with
-orbax checkpoints (resuming from the latest), evaluate loss and bits/dim on held-out data, sample.
+"""Drivers behind `sdejax --mode=train|eval|sample`: build everything from a config, train
+data-parallel over all devices of all processes with orbax checkpoints (resuming from the latest,
+data-iterator position included), evaluate loss and bits/dim on held-out data, sample.
 
-Randomness: every stream is `fold_in(PRNGKey(config.seed), stream)`; the batch of step s is drawn
-from `fold_in(data_key, s)` and the loss noise from the state's rng, so a resumed run continues
-exactly as an uninterrupted one. EMA parameters are used for evaluation and sampling.
+Randomness: every stream is `fold_in(PRNGKey(config.seed), stream)`. Toy batches of step s are
+drawn from `fold_in(data_key, s)`; image batches come from the TFDS pipeline, whose iterator state
+is checkpointed; the loss noise comes from the state's rng, folded per example with its global
+index (`step.py`). A resumed run therefore continues exactly as an uninterrupted one, and the
+trajectory does not depend on the number of devices or processes. EMA parameters are used for
+evaluation and sampling.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import pathlib
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sdejax import losses, score
 from sdejax import sde as sde_lib
 from sdejax.data import toy
-from sdejax.training import checkpoint, config as config_lib, state as state_lib, step as step_lib
+from sdejax.training import checkpoint, config as config_lib, parallel, preemption, state as state_lib
+from sdejax.training import step as step_lib
+from sdejax.training.checkpoint import NonFiniteError  # noqa: F401 (re-exported)
+from sdejax.training.writer import MetricWriter
 
 Array = jax.Array
 
@@ -31,10 +42,6 @@ _STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample"
 SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
               "subvpsde": ("beta_min", "beta_max")}
 SAMPLING_METHODS = ("pc", "ode")
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a NaN/inf loss or gradient; the state was not saved."""
 
 
 def _key(config: ml_collections.ConfigDict, stream: str) -> Array:
@@ -88,47 +95,137 @@ def get_score_fn(config, sde, apply_fn, params):
                               continuous=config.training.continuous)
 
 
-@dataclasses.dataclass(frozen=True)
+def _process_rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """This process's block of rows [p·n/P, (p+1)·n/P) along `axis` of a global batch."""
+    n = x.shape[axis] // jax.process_count()
+    return np.take(x, np.arange(jax.process_index() * n, (jax.process_index() + 1) * n), axis=axis)
+
+
+@dataclasses.dataclass
 class ToyData:
-    """A toy distribution, a stateless batch source `batch_fn(rng)`, and the held-out points."""
+    """A toy distribution, a stateless batch source `batch_fn(rng)`, and the held-out points.
+
+    `chunk(step, k)` = this process's rows of the batches of steps step..step+k−1, each drawn from
+    `fold_in(data_key, step)` (so no iterator state is needed to resume)."""
 
     dist: toy.ToyDistribution
     batch_fn: Callable[[Array], dict]
     heldout: Array
+    data_key: Array
+    num_levels: Optional[int] = None  # continuous data
+
+    def __post_init__(self):
+        key, fn = self.data_key, self.batch_fn
+        self._batches = jax.jit(lambda steps: jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(steps))
+
+    def chunk(self, step: int, k: int) -> dict:
+        return {"x": _process_rows(np.asarray(self._batches(jnp.arange(step, step + k))["x"]), axis=1)}
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        del state
+
+    def eval_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """This process's rows of consecutive held-out batches (a remainder < batch_size is dropped)."""
+        x = np.asarray(self.heldout)
+        for i in range(0, x.shape[0] - batch_size + 1, batch_size):
+            yield _process_rows(x[i:i + batch_size])
 
 
-def get_data(config: ml_collections.ConfigDict) -> ToyData:
-    """Toy data from `config.data` (TFDS image pipelines plug in here with the same interface)."""
+@dataclasses.dataclass
+class ImageData:
+    """A TFDS image dataset (`sdejax.data.datasets`): the process-local train iterator (exact
+    `get_state`/`set_state`), a held-out batch for the eval loss, and the data scaler."""
+
+    config: ml_collections.ConfigDict
+    train_iter: Any
+    heldout: np.ndarray
+    num_levels: int
+
+    def _scale(self, images: np.ndarray) -> np.ndarray:
+        from sdejax.data.datasets import get_data_scaler
+
+        return np.asarray(get_data_scaler(self.config)(images), np.float32)
+
+    def chunk(self, step: int, k: int) -> dict:
+        del step  # the iterator's own position is checkpointed
+        return {"x": self._scale(np.stack([next(self.train_iter)["image"] for _ in range(k)]))}
+
+    def get_state(self) -> dict:
+        return self.train_iter.get_state()
+
+    def set_state(self, state: dict) -> None:
+        if state:
+            self.train_iter.set_state(state)
+
+    def eval_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """This process's rows of the test split in file order, one pass, dequantised as in training
+        (`config.eval.batch_size` global batches)."""
+        del batch_size
+        from sdejax.data import datasets
+
+        _, it = datasets.get_dataset(self.config, evaluation=True)
+        for batch in it:
+            yield self._scale(batch["image"])
+
+
+def _is_image_dataset(config) -> bool:
+    from sdejax.data.registry import DATASETS
+
+    return config.data.dataset in DATASETS
+
+
+def get_data(config: ml_collections.ConfigDict):
+    """Toy data (`sdejax.data.toy`) or a TFDS image dataset (`sdejax.data.datasets`) by `config.data.dataset`."""
     d = config.data
+    if _is_image_dataset(config):
+        from sdejax.data import datasets, registry
+
+        train_iter, eval_iter = datasets.get_dataset(config)
+        data = ImageData(config, train_iter, None, registry.get_spec(config).num_levels)
+        data.heldout = data._scale(next(iter(eval_iter))["image"])  # pylint: disable=protected-access
+        return data
     dist = toy.get_toy_distribution(d.dataset, **dict(d.get("dataset_kwargs", {})))
     train_x, heldout = toy.train_heldout_split(dist, _key(config, "split"), d.get("num_train", 0), d.num_heldout)
-    return ToyData(dist, toy.make_batch_fn(dist, train_x, config.training.batch_size), heldout)
+    return ToyData(dist, toy.make_batch_fn(dist, train_x, config.training.batch_size), heldout,
+                   _key(config, "batches"))
 
 
 @dataclasses.dataclass
 class Setup:
-    """Everything the modes share, built from a config."""
+    """Everything the modes share, built from a config. `state` is un-replicated (what is saved)."""
 
     config: ml_collections.ConfigDict
     sde: sde_lib.SDE
-    data: ToyData
+    data: Any
     apply_fn: Callable[..., Array]
     tx: Any
     state: state_lib.TrainState
     checkpointer: checkpoint.Checkpointer
+    placement: parallel.Placement
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Setup:
-    """Check the config, build SDE/data/model/optimizer, and restore the latest checkpoint if any."""
+    """Check the config, build SDE/data/model/optimizer/placement, and restore the latest
+    checkpoint (state and data-iterator position) if any."""
     config_lib.check_config(config)
+    placement = parallel.get_placement(config.training.get("parallelism", "jit"))
     sde = get_sde(config)
     data = get_data(config)
-    apply_fn, variables = build_model(config, _key(config, "init"), data.heldout)
+    apply_fn, variables = build_model(config, _key(config, "init"), jnp.asarray(data.heldout))
     tx = state_lib.get_optimizer(config.optim)
     state = state_lib.create_train_state(variables, tx, _key(config, "state"))
-    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", config.training.get("keep_checkpoints"))
-    restored = ckpt.restore(state)
-    return Setup(config, sde, data, apply_fn, tx, state if restored is None else restored, ckpt)
+    t = config.training
+    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=t.get("keep_checkpoints", 1),
+                                   keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None,
+                                   config=config.to_dict())
+    restored = ckpt.restore(state, sharding=placement.state_sharding())
+    if restored is not None:
+        state, data_state = restored
+        data.set_state(data_state)
+    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement)
 
 
 def _chunk_length(step: int, t: ml_collections.ConfigDict) -> int:
@@ -156,76 +253,125 @@ def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int]) -> 
             f"Last good checkpoint: {'none' if last_saved is None else f'step {last_saved}'} (intact).")
 
 
+def _to_host(x: Array) -> np.ndarray:
+    """A global array gathered to every process as numpy."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x)
+
+
+def _learning_rate(config, step: int) -> float:
+    return float(state_lib.get_lr_schedule(config.optim)(step))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Train to `training.n_iters` (resuming from the latest checkpoint in `workdir`), checkpointing
-    at multiples of `snapshot_freq` and `snapshot_freq_for_preemption`; then, with
-    `eval.after_training`, write the eval/sampling report. Returns the metrics."""
+    """Train to `training.n_iters` (resuming from the latest checkpoint in `workdir`).
+
+    Checkpoints: rolling ones every `snapshot_freq_for_preemption` steps (the newest
+    `keep_checkpoints` kept), retained snapshots every `snapshot_freq` steps (with sample grids if
+    `snapshot_sampling`), the final step, and on SIGTERM (all processes at the same step, then
+    return with `preempted = True`). Logs to TensorBoard and `train_log.jsonl` every `log_freq`
+    steps; eval loss every `eval_freq`. With `eval.after_training`, writes the eval/sampling report.
+    """
     workdir = pathlib.Path(workdir)
     s = setup(config, workdir)
     t = config.training
+    accum = t.get("grad_accum_steps", 1)
+    parallel.check_batch_size(t.batch_size, accum, s.placement)
     loss_fn = get_loss_fn(config, s.sde, s.apply_fn, train=True)
-    multi_step = jax.jit(step_lib.make_multi_step(step_lib.make_train_step(loss_fn, s.tx, config.model.ema_rate)))
-    data_key = _key(config, "batches")
-    batches_fn = jax.jit(lambda steps: jax.vmap(lambda i: s.data.batch_fn(jax.random.fold_in(data_key, i)))(steps))
+    train_step = step_lib.make_train_step(loss_fn, s.tx, config.model.ema_rate, grad_accum_steps=accum,
+                                          axis_name=parallel.AXIS if s.placement.mode == "pmap" else None)
+    multi_step = s.placement.compile(step_lib.make_multi_step(train_step))
     eval_fn = _eval_loss_fn(config, s)
-    state, step, last_saved = s.state, int(s.state.step), s.checkpointer.latest_step()
-    log_path = workdir / "train_log.jsonl"
-    start, last_loss = time.perf_counter(), None
-    with tqdm(total=t.n_iters, initial=step, desc="train", unit="step") as pbar, open(log_path, "a") as log:
-        while step < t.n_iters:
-            k = _chunk_length(step, t)
-            new_state, metrics = multi_step(state, batches_fn(jnp.arange(step, step + k)))
-            try:
-                _check_finite(metrics, step, last_saved)
-            except NonFiniteError:
-                s.checkpointer.wait()
-                raise
-            state, step = new_state, step + k
-            last_loss = float(jnp.mean(metrics["loss"]))  # mean over this dispatch's steps
-            pbar.update(k)
-            record = {"step": step, "loss": last_loss}
-            if _due(step, t.eval_freq):
-                record["eval_loss"] = float(eval_fn(state.ema_params))
-            if _due(step, t.log_freq) or "eval_loss" in record:
-                pbar.set_postfix({key: f"{v:.4g}" for key, v in record.items() if key != "step"})
-                logging.info("step %d: %s", step, record)
-                log.write(json.dumps(record) + "\n")
-            if _due(step, t.snapshot_freq) or _due(step, t.snapshot_freq_for_preemption) or step == t.n_iters:
-                s.checkpointer.save(state)
-                last_saved = step
-    s.checkpointer.wait()
-    metrics = {"steps": step, "final_loss": last_loss, "train_wall_s": time.perf_counter() - start}
-    if config.eval.get("after_training", False):
-        s.state = state
+    state, step, last_saved = s.placement.replicate(s.state), int(s.state.step), s.checkpointer.latest_step()
+    writer, watcher = MetricWriter(workdir), preemption.PreemptionWatcher()
+    start, last_loss, preempted = time.perf_counter(), None, False
+    tick, tick_step, window = time.perf_counter(), step, []
+    try:
+        with tqdm(total=t.n_iters, initial=step, desc="train", unit="step", disable=jax.process_index() > 0) as pbar:
+            while step < t.n_iters and not preempted:
+                k = _chunk_length(step, t)
+                new_state, metrics = multi_step(state, s.placement.shard_batches(s.data.chunk(step, k)))
+                try:
+                    _check_finite(metrics, step, last_saved)
+                except NonFiniteError:
+                    s.checkpointer.wait()
+                    raise
+                state, step = new_state, step + k
+                window.append(metrics)
+                last_loss = float(np.mean(metrics["loss"]))  # mean over this dispatch's steps
+                pbar.update(k)
+                preempted = watcher.reached()
+                record = {}
+                if _due(step, t.eval_freq):
+                    record["eval_loss"] = float(eval_fn(s.placement.unreplicate(state).ema_params))
+                if _due(step, t.log_freq) or step == t.n_iters:
+                    now = time.perf_counter()
+                    steps_per_s = (step - tick_step) / (now - tick)
+                    record.update(loss=float(np.mean([np.mean(m["loss"]) for m in window])),
+                                  grad_norm=float(np.mean([np.mean(m["grad_norm"]) for m in window])),
+                                  learning_rate=_learning_rate(config, step - 1), steps_per_s=steps_per_s,
+                                  examples_per_s=steps_per_s * t.batch_size)
+                    tick, tick_step, window = now, step, []
+                if record:
+                    pbar.set_postfix({key: f"{v:.4g}" for key, v in record.items() if "loss" in key})
+                    logging.info("step %d: %s", step, record)
+                    writer.scalars(step, record)
+                snapshot = _due(step, t.snapshot_freq)
+                if snapshot or _due(step, t.snapshot_freq_for_preemption) or step == t.n_iters or preempted:
+                    host_state = s.placement.unreplicate(state)
+                    s.checkpointer.save(host_state, s.data.get_state(), force=preempted)
+                    last_saved = step
+                    if snapshot and t.get("snapshot_sampling", False):
+                        s.state = host_state
+                        snapshot_samples(s, workdir, writer)
+        s.checkpointer.wait()
+    finally:
+        watcher.close()
+        writer.close()
+    s.state = s.placement.unreplicate(state)
+    metrics = {"steps": step, "final_loss": last_loss, "train_wall_s": time.perf_counter() - start,
+               "preempted": preempted}
+    if preempted:
+        logging.warning("preempted: saved step %d; rerun the same command to resume", step)
+    elif config.eval.get("after_training", False):
         metrics.update(report(s, workdir))
-        _write_json(workdir / "metrics.json", metrics)
+        if jax.process_index() == 0:
+            _write_json(workdir / "metrics.json", metrics)
     return metrics
 
 
-def _eval_loss_fn(config, s: Setup) -> Callable[[Any], Array]:
-    """params -> DSM loss on the held-out points with a fixed key (eval-mode network)."""
+def _eval_loss_fn(config, s: Setup) -> Callable[[Any], float]:
+    """params -> DSM loss on the held-out batch with a fixed key (eval-mode network), sharded
+    over the mesh."""
     loss_fn = get_loss_fn(config, s.sde, s.apply_fn, train=False)
-    rng, batch = _key(config, "eval"), {"x": s.data.heldout}
-    return jax.jit(lambda params: loss_fn(params, rng, batch)[0])
+    rng = _key(config, "eval")
+    local = s.data.heldout if isinstance(s.data, ImageData) else _process_rows(np.asarray(s.data.heldout))
+    x = s.placement.rows_on_mesh(np.asarray(local))
+    fn = jax.jit(lambda params, x: loss_fn(params, rng, {"x": x})[0])
+    return lambda params: float(_to_host(fn(s.placement.on_mesh(params), x)))
 
 
-def _compile(fn: Callable, *args) -> tuple[Callable, float]:
+def _compile(fn: Callable, *args, **jit_kwargs) -> tuple[Callable, float]:
     """`fn` compiled ahead of time for `args`' shapes, and the compile time in seconds."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
     return compiled, time.perf_counter() - t0
+
+
+def _data_shape(s: Setup) -> tuple[int, ...]:
+    return tuple(np.shape(s.data.heldout)[1:])
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
     """n samples with EMA params by `method` ("pc": config.sampling's predictor/corrector;
-    "ode": the probability-flow ODE), and {"nfe", "compile_s", "wall_s"}."""
+    "ode": the probability-flow ODE), and {"nfe", "compile_s", "wall_s"}. One global program over
+    the mesh (samples sharded over all devices of all processes when n divides), gathered to host."""
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown sampling method {method!r}; valid: {list(SAMPLING_METHODS)}")
     from sdejax.sampling.ode import ode_sample
     from sdejax.sampling.pc import pc_sample
 
     c = s.config.sampling
-    shape = (n,) + s.data.heldout.shape[1:]
+    shape = (n,) + _data_shape(s)
 
     def sample(params, rng):
         score_fn = get_score_fn(s.config, s.sde, s.apply_fn, params)
@@ -235,37 +381,52 @@ def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray,
         return ode_sample(rng, s.sde, score_fn, shape, rtol=c.get("rtol", 1e-5), atol=c.get("atol", 1e-5),
                           denoise=c.noise_removal)
 
-    compiled, compile_s = _compile(sample, s.state.ema_params, rng)
+    mesh = s.placement.mesh
+    out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
+    params = s.placement.on_mesh(s.state.ema_params)
+    compiled, compile_s = _compile(sample, params, rng, out_shardings=(out_sharding, s.placement.replicated))
     start = time.perf_counter()
-    x, nfe = jax.block_until_ready(compiled(s.state.ema_params, rng))
-    return np.asarray(x), {"nfe": int(nfe), "compile_s": compile_s, "wall_s": time.perf_counter() - start}
+    x, nfe = jax.block_until_ready(compiled(params, rng))
+    return _to_host(x), {"nfe": int(_to_host(nfe)), "compile_s": compile_s, "wall_s": time.perf_counter() - start}
 
 
 def heldout_bits_per_dim(s: Setup) -> dict:
-    """Bits/dim −log p(x)/(d ln 2) of the EMA model on the held-out points (PF-ODE likelihood at
-    t = eps, continuous data: no dequantisation), mean and standard error, NFE and wall time."""
+    """Bits/dim of the EMA model on the held-out data (PF-ODE likelihood at t = eps), mean and
+    standard error, NFE and wall time; batches sharded over the mesh.
+
+    Toy data is continuous: −log p(x)/(D ln 2). Images (levels 0..L−1, dequantised to [0, 1] and
+    scaled to the model's range [lo, hi]): −(log p(y) + D log(hi − lo))/(D ln 2) + log2 L
+    (`sdejax.likelihood.bits_per_dim`); L = 17 for the digits, so their bits/dim are not comparable
+    with 8-bit images'."""
     from sdejax.likelihood import bits_per_dim, log_likelihood
 
-    e, x = s.config.eval, s.data.heldout
+    e = s.config.eval
     kwargs = dict(divergence=e.get("divergence", "hutchinson_rademacher"), num_probes=e.get("num_probes", 1),
                   rtol=e.get("rtol", 1e-5), atol=e.get("atol", 1e-5))
+    n_bits = None if s.data.num_levels is None else math.log2(s.data.num_levels)
+    centered = isinstance(s.data, ImageData) and s.config.data.centered
+    data_range = (-1.0, 1.0) if centered else (0.0, 1.0)
 
     def nll_bits(params, rng, xb):
         score_fn = get_score_fn(s.config, s.sde, s.apply_fn, params)
         logp, _, nfe = log_likelihood(rng, s.sde, score_fn, xb, **kwargs)
-        return bits_per_dim(logp, xb.shape, n_bits=None), nfe
+        return bits_per_dim(logp, xb.shape, data_range=data_range, n_bits=n_bits), nfe
 
-    bs = min(e.batch_size, x.shape[0])
-    if bs == 0:
-        raise ValueError("no held-out points: set data.num_heldout > 0")
-    batches = [x[i:i + bs] for i in range(0, x.shape[0] - bs + 1, bs)]  # a remainder < bs is dropped
-    keys = [jax.random.fold_in(_key(s.config, "eval"), i) for i in range(len(batches))]
-    compiled, compile_s = _compile(nll_bits, s.state.ema_params, keys[0], batches[0])
-    start, bits, nfes = time.perf_counter(), [], []
-    for key, xb in zip(keys, batches):
-        b, nfe = jax.block_until_ready(compiled(s.state.ema_params, key, xb))
-        bits.append(np.asarray(b))
-        nfes.append(int(nfe))
+    batch_size = min(e.batch_size, np.shape(s.data.heldout)[0] * jax.process_count())
+    params = s.placement.on_mesh(s.state.ema_params)
+    compiled, compile_s, start, bits, nfes = None, 0.0, time.perf_counter(), [], []
+    limit = e.get("num_bpd_batches", 0) or None
+    for i, local in enumerate(itertools.islice(s.data.eval_batches(batch_size), limit)):
+        xb, key = s.placement.rows_on_mesh(local), jax.random.fold_in(_key(s.config, "eval"), i)
+        if compiled is None:
+            compiled, compile_s = _compile(nll_bits, params, key, xb)
+            start = time.perf_counter()
+        b, nfe = jax.block_until_ready(compiled(params, key, xb))
+        bits.append(_to_host(b))
+        nfes.append(int(_to_host(nfe)))
+    if not bits:
+        raise ValueError("no held-out batch: set data.num_heldout (toy) or eval.batch_size (images) so that "
+                         "at least one full eval batch exists")
     bits = np.concatenate(bits)
     return {"bits_per_dim": float(bits.mean()), "bits_per_dim_se": float(bits.std() / np.sqrt(bits.size)),
             "num_points": int(bits.size), "nfe_per_batch": float(np.mean(nfes)), "compile_s": compile_s,
@@ -274,7 +435,7 @@ def heldout_bits_per_dim(s: Setup) -> dict:
 
 def true_entropy_bits_per_dim(s: Setup, n: int = 200_000) -> Optional[dict]:
     """Monte-Carlo entropy of the true data density in bits/dim (None without a closed form)."""
-    if s.data.dist.log_prob is None:
+    if not isinstance(s.data, ToyData) or s.data.dist.log_prob is None:
         return None
     h, se = s.data.dist.entropy(_key(s.config, "entropy"), n)
     scale = s.data.dist.dim * np.log(2.0)
@@ -286,12 +447,36 @@ def _eval_metrics(s: Setup) -> dict:
     e = s.config.eval
     out: dict[str, Any] = {"step": int(s.state.step)}
     if e.enable_loss:
-        out["heldout_loss"] = float(_eval_loss_fn(s.config, s)(s.state.ema_params))
+        out["heldout_loss"] = _eval_loss_fn(s.config, s)(s.state.ema_params)
     if e.enable_bpd:
         out["heldout"] = heldout_bits_per_dim(s)
         if (true := true_entropy_bits_per_dim(s)) is not None:
             out["true_entropy"] = true
     return out
+
+
+def _save_samples(s: Setup, stem: pathlib.Path, samples: dict[str, np.ndarray]) -> None:
+    """`<stem>.npz` and `<stem>.png` (scatter plots for toy data, image grids for images); process 0 only."""
+    if jax.process_index() > 0:
+        return
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(f"{stem}.npz", **samples)
+    if isinstance(s.data, ImageData):
+        for name, x in samples.items():
+            save_image_grid(pathlib.Path(f"{stem}_{name}.png" if len(samples) > 1 else f"{stem}.png"),
+                            image_grid(s, x))
+    else:
+        save_png(pathlib.Path(f"{stem}.png"), np.asarray(s.data.heldout), samples)
+
+
+def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter) -> None:
+    """`training.snapshot_num_samples` (default 64) samples by `sampling.method` at a snapshot:
+    `samples/snapshot_<step>.{npz,png}` and, for images, a TensorBoard grid."""
+    n = s.config.training.get("snapshot_num_samples", 64)
+    x, _ = draw_samples(s, s.config.sampling.method, n, jax.random.fold_in(_key(s.config, "sample"), int(s.state.step)))
+    _save_samples(s, workdir / "samples" / f"snapshot_{int(s.state.step)}", {"samples": x})
+    if isinstance(s.data, ImageData):
+        writer.image(int(s.state.step), "samples", image_grid(s, x))
 
 
 def report(s: Setup, workdir: pathlib.Path) -> dict:
@@ -303,30 +488,33 @@ def report(s: Setup, workdir: pathlib.Path) -> dict:
         for i, method in enumerate(SAMPLING_METHODS):
             rng = jax.random.fold_in(_key(s.config, "sample"), i)
             samples[method], out["samplers"][method] = draw_samples(s, method, s.config.eval.num_samples, rng)
-        save_png(workdir / "samples.png", np.asarray(s.data.heldout), samples)
-        np.savez(workdir / "samples.npz", **samples)
+        _save_samples(s, workdir / "samples", samples)
     return out
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Held-out loss and bits/dim of the latest checkpoint (EMA), written to `eval_metrics.json`."""
+    """Held-out loss and bits/dim (the test split for images) of the latest checkpoint (EMA),
+    written to `eval_metrics.json` and TensorBoard."""
     workdir = pathlib.Path(workdir)
-    out = _eval_metrics(_setup_restored(config, workdir))
-    _write_json(workdir / "eval_metrics.json", out)
+    s = _setup_restored(config, workdir)
+    out = _eval_metrics(s)
+    if jax.process_index() == 0:
+        _write_json(workdir / "eval_metrics.json", out)
+    writer = MetricWriter(workdir)
+    writer.scalars(out["step"], {f"eval/{k}": v for k, v in (("heldout_loss", out.get("heldout_loss")),
+                   ("bits_per_dim", out.get("heldout", {}).get("bits_per_dim"))) if v is not None})
+    writer.close()
     return out
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """`eval.num_samples` samples of the latest checkpoint (EMA) by `sampling.method`, written to
-    `samples/samples_<step>.npz` and `.png`."""
+    `samples/samples_<step>.npz` and `.png` (an image grid for image data)."""
     workdir = pathlib.Path(workdir)
     s = _setup_restored(config, workdir)
     x, info = draw_samples(s, config.sampling.method, config.eval.num_samples, _key(config, "sample"))
-    out_dir = workdir / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"samples_{int(s.state.step)}"
-    np.savez(f"{stem}.npz", samples=x)
-    save_png(pathlib.Path(f"{stem}.png"), np.asarray(s.data.heldout), {config.sampling.method: x})
+    stem = workdir / "samples" / f"samples_{int(s.state.step)}"
+    _save_samples(s, stem, {"samples": x})
     return {"step": int(s.state.step), "path": f"{stem}.npz", **info}
 
 
@@ -335,6 +523,27 @@ def _setup_restored(config, workdir: pathlib.Path) -> Setup:
     if s.checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run --mode=train first")
     return s
+
+
+def image_grid(s: Setup, x: np.ndarray) -> np.ndarray:
+    """Samples (n, H, W, C) in the model's range -> one uint8 HWC grid of ceil(sqrt(n)) columns."""
+    from sdejax.data.datasets import get_data_inverse_scaler
+
+    u = np.clip(np.asarray(get_data_inverse_scaler(s.config)(x)), 0.0, 1.0)
+    n, h, w, c = u.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = u[i]
+    return np.round(grid * 255).astype(np.uint8)
+
+
+def save_image_grid(path: pathlib.Path, grid: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def save_png(path: pathlib.Path, data: np.ndarray, samples: dict[str, np.ndarray]) -> None:

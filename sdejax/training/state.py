@@ -32,6 +32,13 @@ def _trainable_labels(params: Any) -> Any:
     return {k: jax.tree_util.tree_map(lambda _: "train" if k == "params" else "frozen", v) for k, v in params.items()}
 
 
+def get_lr_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr(step) = optim.lr · min(1, step / warmup) (constant without warmup)."""
+    if optim.warmup > 0:
+        return optax.linear_schedule(0.0, optim.lr, optim.warmup)
+    return optax.constant_schedule(optim.lr)
+
+
 def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) (if > 0) → Adam(lr·min(1, step/warmup), beta1, eps)
     (+ decoupled weight decay for AdamW; AMSGrad with `optim.amsgrad`, as NCSN), applied to the
@@ -41,7 +48,7 @@ def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformat
     """
     if optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; valid: {list(OPTIMIZERS)}")
-    lr = optax.linear_schedule(0.0, optim.lr, optim.warmup) if optim.warmup > 0 else optim.lr
+    lr = get_lr_schedule(optim)
     if optim.optimizer == "AdamW":
         if optim.get("amsgrad", False):
             raise ValueError("optim.amsgrad is supported with optim.optimizer = 'Adam' only")

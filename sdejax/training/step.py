@@ -1,14 +1,19 @@
 """Pure step functions: `train_step(state, batch) -> (state, metrics)`, its `lax.scan` over a
 stack of batches (several steps per dispatch), and `eval_step(params, rng, batch) -> loss`.
 
-Nothing here knows about devices or data sources: a step is a function of (state, batch) only, so
-data/model-parallel placement (jit + Mesh, pmap) and other input pipelines wrap it unchanged.
+A step is a function of (state, batch) only. Device placement wraps it unchanged
+(`sdejax.training.parallel`): under `jax.jit` with a sharded batch the step is global SPMD code;
+under `pmap` it sees its device's rows and averages gradients over `axis_name`. Either way every
+example gets its global index in the step's batch (`batch["index"]`), from which the loss folds
+its per-example noise, so the random draws do not depend on the device count or on gradient
+accumulation (microbatch m holds the rows i with i mod A = m).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sdejax.training.state import TrainState, ema_update
@@ -17,15 +22,54 @@ Array = jax.Array
 LossFn = Callable[[Any, Array, dict], tuple[Array, dict]]
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate: float):
+def _global_index(n: int, axis_name: Optional[str]) -> Array:
+    """Global row indices of this shard: 0..n−1 under jit; d·n + 0..n−1 on pmap device d."""
+    local = jnp.arange(n)
+    return local if axis_name is None else jax.lax.axis_index(axis_name) * n + local
+
+
+def _microbatches(batch: dict, accum: int) -> dict:
+    """(n, ...) -> (accum, n/accum, ...), microbatch m = rows m, m + A, m + 2A, … (keeps a sharded
+    leading axis sharded: each device's block of rows splits locally)."""
+    def split(v):
+        return jnp.moveaxis(v.reshape((v.shape[0] // accum, accum) + v.shape[1:]), 1, 0)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate: float, *,
+                    grad_accum_steps: int = 1, axis_name: Optional[str] = None):
     """One optimizer step: grads of `loss_fn(params, step_rng, batch)`, optax update, EMA update.
 
+    grad = (1/A) Σ_m ∇L(microbatch m) for `grad_accum_steps` = A (equal microbatches, so this is
+    the gradient of the batch mean); with `axis_name` (pmap) loss and grads are averaged over it.
     metrics = {"loss", "grad_norm"} (grad_norm before clipping) so a non-finite value can be named.
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1; got {grad_accum_steps}")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, rng, batch):
+        n = batch["x"].shape[0]
+        if n % grad_accum_steps:
+            raise ValueError(f"batch of {n} rows per shard is not divisible by grad_accum_steps={grad_accum_steps}")
+        batch = {**batch, "index": _global_index(n, axis_name)}
+        if grad_accum_steps == 1:
+            (loss, _), grads = grad_fn(params, rng, batch)
+            return loss, grads
+
+        def accumulate(carry, micro):
+            (loss, _), grads = grad_fn(params, rng, micro)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(accumulate, zeros, _microbatches(batch, grad_accum_steps))
+        return jax.tree_util.tree_map(lambda v: v / grad_accum_steps, total)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, step_rng, batch)
+        loss, grads = loss_and_grads(state.params, step_rng, batch)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
