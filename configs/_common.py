@@ -42,6 +42,13 @@ def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
     evaluate.bpd_dataset = 'test'
+    # Sample quality (sdejax.evaluation.workflow): reference statistics of `fid_split` from
+    # --mode=fid_stats, FID/KID/IS in --mode=eval when enable_sampling is set.
+    evaluate.fid_split = 'train'
+    evaluate.fid_num_samples = ml_collections.config_dict.placeholder(int)  # None: the whole split
+    evaluate.kid_features = 10000
+    evaluate.fid_stats_path = ml_collections.config_dict.placeholder(str)  # None: workdir/fid_stats/
+    evaluate.inception_weights = ml_collections.config_dict.placeholder(str)  # None: $SDEJAX_INCEPTION_WEIGHTS
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = dataset

@@ -1,4 +1,4 @@
-"""Command line: `sdejax --config=CONFIG.py --workdir=DIR --mode=train|eval|sample`.
+"""Command line: `sdejax --config=CONFIG.py --workdir=DIR --mode=train|eval|sample|fid_stats`.
 
 Without `--config` the quick-start config `configs/default_toy.py` of the source checkout is used
 (train an MLP score model on the 2-D two-mode mixture, then write samples, bits/dim and
@@ -21,12 +21,13 @@ from ml_collections import config_flags
 
 CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = CHECKOUT / "configs" / "default_toy.py"
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "fid_stats")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_enum("mode", "train", list(MODES), "Run mode: train, eval or sample.")
+flags.DEFINE_enum("mode", "train", list(MODES), "Run mode: train, eval, sample, or fid_stats (reference "
+                  "Inception statistics of config.eval.fid_split for FID/KID).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -45,7 +46,10 @@ def main(argv) -> None:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     auto=FLAGS.distributed)
 
-    run_mode = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample}[FLAGS.mode]
+    from sdejax.evaluation import workflow
+
+    run_mode = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample,
+                "fid_stats": workflow.fid_stats}[FLAGS.mode]
     result = run_mode(FLAGS.config, FLAGS.workdir)
     import jax  # pylint: disable=import-outside-toplevel
 

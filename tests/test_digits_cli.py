@@ -1,7 +1,8 @@
 """The digits config end to end from the CLI through TFDS (offline, a temporary data_dir): train
 with snapshot sampling, TensorBoard and a checkpointed data-iterator position; eval (bits/dim on
-the test split); sample (image grid). A tiny U-Net and 2 steps keep it cheap; the maths of each
-piece is tested elsewhere, here only the wiring and the outputs' ranges.
+the test split); sample (image grid); fid_stats and eval with sampling (FID/KID/IS through the
+Inception network, here with the fixture's synthetic weights). A tiny U-Net and 2 steps keep it
+cheap; the maths of each piece is tested elsewhere, here only the wiring and the outputs' ranges.
 """
 import json
 import math
@@ -12,7 +13,10 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_inception import regenerate_state_dict  # noqa: E402
 from test_training import _cli  # noqa: E402
+
+from sdejax.evaluation import inception_weights  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits_ddpmpp.py"
@@ -23,7 +27,7 @@ TINY = {"training.n_iters": 2, "training.n_jitted_steps": 1, "training.batch_siz
         "eval.rtol": 1e-2, "eval.atol": 1e-2}
 
 
-def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys):
+def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys, fixtures_dir):
     workdir = tmp_path / "run"
     flags = [f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
              *(f"--config.{k}={v}" for k, v in TINY.items())]
@@ -47,4 +51,17 @@ def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys):
     samples = np.load(workdir / "samples" / "samples_2.npz")["samples"]
     assert samples.shape == (4, 16, 16, 1) and np.all(np.isfinite(samples))
     assert (workdir / "samples" / "samples_2.png").is_file()
+
+    weights = tmp_path / "inception.npz"
+    inception_weights.save_state_dict(regenerate_state_dict(fixtures_dir / "inception_fid" / "params_spec.json"),
+                                      weights)
+    fid_flags = [*flags, f"--config.eval.inception_weights={weights}", "--config.eval.fid_num_samples=20",
+                 "--config.eval.num_samples=10", "--config.eval.enable_sampling=True"]
+    _cli(monkeypatch, *fid_flags, "--mode=fid_stats", config=CONFIG)
+    stats = np.load(workdir / "fid_stats" / "digits_train.npz")
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
+    _cli(monkeypatch, *fid_flags, "--mode=eval", config=CONFIG)
+    result = json.loads((workdir / "eval" / "fid_2.json").read_text())
+    assert result["n_samples"] == 10 and math.isfinite(result["fid"]) and result["fid"] >= 0
+    assert result["comparable_to_literature"] is False and result["sampler"]["method"] == "pc"
     capsys.readouterr()

@@ -29,7 +29,10 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).
-    "eval": {"after_training", "divergence", "num_probes", "rtol", "atol", "num_bpd_batches"},
+    # fid_split/fid_num_samples/kid_features/fid_stats_path/inception_weights: reference statistics
+    # and sample-quality evaluation (sdejax.evaluation.workflow).
+    "eval": {"after_training", "divergence", "num_probes", "rtol", "atol", "num_bpd_batches", "fid_split",
+             "fid_num_samples", "kid_features", "fid_stats_path", "inception_weights"},
     # toy data: constructor kwargs, finite training-set size (0 = fresh samples), held-out size;
     # TFDS image data: where records live, input stack ("grain" or "tf"), download permission and
     # reader settings (see sdejax.data.datasets).

@@ -361,10 +361,10 @@ def _data_shape(s: Setup) -> tuple[int, ...]:
     return tuple(np.shape(s.data.heldout)[1:])
 
 
-def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
-    """n samples with EMA params by `method` ("pc": config.sampling's predictor/corrector;
-    "ode": the probability-flow ODE), and {"nfe", "compile_s", "wall_s"}. One global program over
-    the mesh (samples sharded over all devices of all processes when n divides), gathered to host."""
+def make_sampler(s: Setup, method: str, n: int) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
+    """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` ("pc": config.sampling's
+    predictor/corrector; "ode": the probability-flow ODE), compiled once as one global program over
+    the mesh (samples sharded over all devices of all processes when n divides); and the compile time."""
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown sampling method {method!r}; valid: {list(SAMPLING_METHODS)}")
     from sdejax.sampling.ode import ode_sample
@@ -384,10 +384,38 @@ def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray,
     mesh = s.placement.mesh
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
     params = s.placement.on_mesh(s.state.ema_params)
-    compiled, compile_s = _compile(sample, params, rng, out_shardings=(out_sharding, s.placement.replicated))
+    compiled, compile_s = _compile(sample, params, jax.random.PRNGKey(0),
+                                   out_shardings=(out_sharding, s.placement.replicated))
+    return (lambda rng: compiled(params, rng)), compile_s
+
+
+def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
+    """n samples by `method` (see `make_sampler`) gathered to host, and {"nfe", "compile_s", "wall_s"}."""
+    sampler, compile_s = make_sampler(s, method, n)
     start = time.perf_counter()
-    x, nfe = jax.block_until_ready(compiled(params, rng))
+    x, nfe = jax.block_until_ready(sampler(rng))
     return _to_host(x), {"nfe": int(_to_host(nfe)), "compile_s": compile_s, "wall_s": time.perf_counter() - start}
+
+
+def fid_eval(s: Setup, workdir: pathlib.Path) -> dict:
+    """FID/KID/IS of `eval.num_samples` samples by `sampling.method` (EMA params) against the
+    reference statistics of `--mode=fid_stats` (`sdejax.evaluation.workflow`); the sampler is
+    compiled once for batches of `eval.batch_size`."""
+    from sdejax.evaluation import workflow
+
+    if jax.process_count() > 1:
+        raise NotImplementedError("FID evaluation from the CLI runs on one process for now (per-host sampling "
+                                  "seeds are not wired into the global sampling program); use one host")
+    c = s.config
+    sampler, compile_s = make_sampler(s, c.sampling.method, c.eval.batch_size)
+
+    def sample_fn(rng, n):
+        x, nfe = sampler(rng)
+        return np.asarray(x)[:n], int(nfe)
+
+    settings = {k: c.sampling[k] for k in sorted(c.sampling.keys())}
+    return workflow.fid_eval(c, workdir, sample_fn, num_samples=c.eval.num_samples, seed=c.seed,
+                             sampler_metadata={**settings, "compile_s": compile_s}, tag=str(int(s.state.step)))
 
 
 def heldout_bits_per_dim(s: Setup) -> dict:
@@ -494,10 +522,13 @@ def report(s: Setup, workdir: pathlib.Path) -> dict:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Held-out loss and bits/dim (the test split for images) of the latest checkpoint (EMA),
-    written to `eval_metrics.json` and TensorBoard."""
+    written to `eval_metrics.json` and TensorBoard; for image data with `eval.enable_sampling`, also
+    FID/KID/IS against the `--mode=fid_stats` statistics (`eval/fid_<step>.json`)."""
     workdir = pathlib.Path(workdir)
     s = _setup_restored(config, workdir)
     out = _eval_metrics(s)
+    if _is_image_dataset(config) and config.eval.enable_sampling:
+        out["sample_quality"] = fid_eval(s, workdir)
     if jax.process_index() == 0:
         _write_json(workdir / "eval_metrics.json", out)
     writer = MetricWriter(workdir)
