@@ -32,6 +32,7 @@ from sdejax.training import loop
 _CONFIG = config_flags.DEFINE_config_file("config", {config!r})
 flags.FLAGS(["bench"])
 config = _CONFIG.value
+config.unlock()
 t = config.training
 t.n_iters, t.log_freq, t.eval_freq = {steps}, {steps} // 2, 0
 t.snapshot_freq, t.snapshot_freq_for_preemption, t.parallelism = 0, {steps}, {mode!r}

@@ -16,6 +16,7 @@ from scipy import stats
 from sdejax.analytic import GaussianMixture
 from sdejax.likelihood import bits_per_dim, dequantize, log_likelihood
 from sdejax.sde import VESDE, VPSDE, subVPSDE
+from counting import CountingScore
 
 D = 3
 _A = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.3, 0.5, 0.7]])
@@ -24,28 +25,7 @@ SDES = {"ve": VESDE(), "vp": VPSDE(), "subvp": subVPSDE()}
 EPS = 1e-5
 
 
-class CountingScore:
-    """The exact score of GAUSS under `sde`, counting its evaluations on the host."""
-
-    def __init__(self, sde):
-        self.score = GAUSS.score_fn(sde)
-        self.calls = 0
-
-    def _tick(self, t):
-        self.calls += 1
-
-    def __call__(self, x, t):
-        jax.debug.callback(self._tick, t)
-        return self.score(x, t)
-
-    def run(self, fn, *args, **kwargs):
-        self.calls = 0
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        jax.effects_barrier()
-        return out, self.calls
-
-
-SCORES = {name: CountingScore(sde) for name, sde in SDES.items()}
+SCORES = {name: CountingScore(GAUSS, sde) for name, sde in SDES.items()}
 
 
 def corrected(sde, logp, z):

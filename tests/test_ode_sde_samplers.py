@@ -28,6 +28,7 @@ from sdejax.analytic import GaussianMixture
 from sdejax.sampling.ode import ode_encode, ode_sample
 from sdejax.sampling.sde import sde_sample
 from sdejax.sde import VESDE, VPSDE, subVPSDE
+from counting import CountingScore
 
 MU = np.array([1.0, -2.0])
 SIGMA = np.array([[2.0, 1.6], [1.6, 2.0]])
@@ -35,28 +36,6 @@ GAUSS = GaussianMixture.create([1.0], [MU], covs=[SIGMA])
 SDES = {"ve": VESDE(), "vp": VPSDE(), "subvp": subVPSDE()}
 EPS = 1e-3
 N_SAMPLES = 2000
-
-
-class CountingScore:
-    """The exact score of `mixture` under `sde`, counting its evaluations on the host."""
-
-    def __init__(self, mixture: GaussianMixture, sde):
-        self.score = mixture.score_fn(sde)
-        self.calls = 0
-
-    def _tick(self, t):
-        self.calls += 1
-
-    def __call__(self, x, t):
-        jax.debug.callback(self._tick, t)
-        return self.score(x, t)
-
-    def run(self, fn, *args, **kwargs):
-        """Call fn and return (its outputs, the number of score evaluations it made)."""
-        self.calls = 0
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        jax.effects_barrier()
-        return out, self.calls
 
 
 SCORES = {name: CountingScore(GAUSS, sde) for name, sde in SDES.items()}
