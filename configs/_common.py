@@ -139,6 +139,26 @@ def ncsnpp_256(config, *, sigma_max):
                   progressive_input='input_skip')
 
 
+def tfrecords_dataset(config, dataset):
+    """Read `dataset` (CelebAHQ or FFHQ) from score_sde's TFRecords (`data.tfrecords_path`) instead of LSUN."""
+    config.data.dataset = dataset
+    del config.data.category
+    config.data.tfrecords_path = ''
+    return config
+
+
+def ncsnpp_1024(config, dataset):
+    """The 1024px NCSN++ of CelebA-HQ and FFHQ (VE, σ_max = 1348): nf 16, 8 resolutions, batch 8."""
+    config = tfrecords_dataset(ncsnpp_256(config, sigma_max=1348), dataset)
+    config.data.image_size = 1024
+    config.training.batch_size = 8
+    config.model.nf = 16
+    config.model.ch_mult = (1, 2, 4, 8, 16, 32, 32, 32)
+    config.model.num_res_blocks = 1
+    config.model.ema_rate = 0.9999
+    return config
+
+
 def ddpm(config, *, ch_mult=(1, 2, 2, 2), scale_by_sigma=False, ema_rate=0.9999, conditional=True):
     """The DDPM U-Net (`model.name = 'ddpm'`)."""
     model = config.model

@@ -4,8 +4,4 @@ from configs.default_lsun_configs import get_default_configs
 
 
 def get_config():
-    config = _common.ncsnpp_256(get_default_configs(), sigma_max=348)
-    config.data.dataset = 'FFHQ'
-    del config.data.category
-    config.data.tfrecords_path = ''
-    return config
+    return _common.tfrecords_dataset(_common.ncsnpp_256(get_default_configs(), sigma_max=348), 'FFHQ')

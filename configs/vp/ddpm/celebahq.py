@@ -6,7 +6,4 @@ from configs.default_lsun_configs import get_default_configs
 def get_config():
     config = _common.ddpm(_common.set_sde(get_default_configs(), 'vpsde', continuous=False), ch_mult=(1, 1, 2, 2, 4, 4))
     config.sampling.predictor = 'ancestral_sampling'
-    config.data.dataset = 'CelebAHQ'
-    del config.data.category
-    config.data.tfrecords_path = ''
-    return config
+    return _common.tfrecords_dataset(config, 'CelebAHQ')
