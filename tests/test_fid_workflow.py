@@ -118,7 +118,7 @@ def test_process_slices_cover_the_limited_split(config, train_rows):
 
 
 def test_empty_batches_join_the_collective(features):
-    out = workflow._allow_empty(features)(np.zeros((0, 16, 16, 3), np.float32))
+    out = features(np.zeros((0, 16, 16, 3), np.float32))
     assert out["pool3"].shape == (0, 2048) and out["logits"].shape == (0, 1008)
 
 
@@ -149,16 +149,23 @@ def test_eval_real_versus_noise(config, reference, weights, features, train_rows
     floor = lambda sigma: 2048 * np.sqrt(np.finfo(np.float64).eps) * (np.trace(ref["sigma"]) + np.trace(sigma))
     # The reference images themselves: FID(S, S) = 0 up to that floor.
     assert abs(real["fid"]) < floor(ref["sigma"])
-    # Noise: per-process/per-batch keys fold_in(fold_in(PRNGKey(3), 0), b), batches 8 + 4 (last trimmed),
-    # mapped by (x + 1) / 2 and clipped; its FID equals the one-shot float64 FID of the same features.
-    host = jax.random.fold_in(jax.random.PRNGKey(3), 0)
-    x = np.concatenate([np.asarray(noise(jax.random.fold_in(host, b), BATCH)[0]) for b in range(2)])[:12]
+    # Noise: per-batch keys fold_in(PRNGKey(3), g), batches 8 + 4 (last trimmed), mapped by (x + 1) / 2
+    # and clipped; its FID equals the one-shot float64 FID of the same features.
+    x = np.concatenate([np.asarray(noise(jax.random.fold_in(jax.random.PRNGKey(3), g), BATCH)[0])
+                        for g in range(2)])[:12]
     x = rgb(np.clip((x + 1) / 2, 0, 1))
     pool3 = np.concatenate([features(x[i:i + BATCH])["pool3"] for i in range(0, 12, BATCH)]).astype(np.float64)
     sigma = np.cov(pool3, rowvar=False)
     direct = metrics.frechet_distance(pool3.mean(0), sigma, ref["mu"], ref["sigma"])
     assert fake["fid"] == pytest.approx(direct, rel=0, abs=2 * floor(sigma))
     assert fake["fid"] > 100 * floor(sigma)  # noise is resolved far above the floor; digits are not
+    # The samples' own statistics file: the same moments, their pool3 rows and logits, usable as a reference.
+    saved = workflow.stats_file.load_stats(workdir / "eval" / "fid_noise_stats.npz")
+    assert fake["samples_statistics"]["sha256"] == saved["sha256"] and saved["n"] == 12
+    np.testing.assert_allclose(saved["mu"], pool3.mean(0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(saved["sigma"], sigma, rtol=1e-9, atol=1e-15)
+    np.testing.assert_array_equal(saved["features"], pool3.astype(np.float32))
+    assert saved["logits"].shape == (12, 1008) and saved["metadata"]["seeds"] == fake["seeds"]
 
     for result, tag in ((real, 100), (fake, "noise")):
         recorded = json.loads((workdir / "eval" / f"fid_{tag}.json").read_text())
@@ -172,7 +179,7 @@ def test_eval_real_versus_noise(config, reference, weights, features, train_rows
         assert recorded["kid_std_error"] is None  # one KID block: no standard error (NaN is not JSON)
         assert math.isfinite(recorded["kid"]) and math.isfinite(recorded["inception_score"])
     assert real["n_samples"] == NUM_REF and len(calls) == 2
-    assert fake["n_samples"] == 12 and fake["kid_samples"] == 12 and fake["seeds"]["batches_per_process"] == 2
+    assert fake["n_samples"] == 12 and fake["kid_samples"] == 12 and fake["seeds"]["num_batches"] == 2
     assert real["nfe"] == {"mean": 0.0, "min": 0.0, "max": 0.0, "source": "sampler_metadata"}
     assert fake["nfe"] == {"mean": 7.0, "min": 7.0, "max": 7.0, "source": "sample_fn"}
     assert fake["sampler"] == {"name": "uniform", "settings": {"range": [-1.5, 1.5]}}

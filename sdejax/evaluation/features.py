@@ -3,7 +3,8 @@
 Each process feeds its own local batch; the global batch is split along the batch axis over
 a 1-D device mesh (all devices of all hosts). Short batches are zero-padded to the fixed size
 (one compilation) and the padding rows are dropped from the result. Every process must call
-the returned function the same number of times (it runs a collective program).
+the returned function the same number of times (it runs a collective program); a process with
+nothing left to evaluate passes 0 rows and still takes part.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
 
 def sharded_feature_fn(apply_fn: Callable[[Any, jax.Array], Any], variables: Any, batch_size: int,
                        mesh: Mesh | None = None) -> FeatureFn:
-    """``images (n <= batch_size / processes, ...) -> apply_fn(variables, images)`` as local numpy rows.
+    """``images (0 <= n <= batch_size / processes, ...) -> apply_fn(variables, images)`` as local numpy rows.
 
     ``batch_size`` is the global batch; it must be a multiple of the number of devices in ``mesh``
     (default: all devices on one axis named "batch").
@@ -58,8 +59,8 @@ def sharded_feature_fn(apply_fn: Callable[[Any, jax.Array], Any], variables: Any
     def features(images: np.ndarray) -> Any:
         images = np.asarray(images)
         n = len(images)
-        if not 0 < n <= local_size:
-            raise ValueError(f"images must hold 1 to {local_size} rows per process; got shape {images.shape}")
+        if images.ndim < 1 or n > local_size:
+            raise ValueError(f"images must hold 0 to {local_size} rows per process; got shape {images.shape}")
         padded = np.concatenate([images, np.zeros((local_size - n,) + images.shape[1:], images.dtype)])
         out = run(variables, jax.make_array_from_process_local_data(data, padded))
         return jax.tree.map(lambda a: local_rows(a)[:n], out)

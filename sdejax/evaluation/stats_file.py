@@ -18,7 +18,7 @@ REQUIRED_METADATA = ("dataset", "dataset_version", "split", "inception_weights_s
 
 
 def save_stats(path: str | os.PathLike, stats: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
-    """Write ``stats`` ({"mu", "sigma", "n"} and optionally "features") with ``metadata``.
+    """Write ``stats`` ({"mu", "sigma", "n"} and optionally pool3 "features" and "logits") with ``metadata``.
 
     ``metadata`` must hold dataset, dataset_version, split and inception_weights_sha256;
     ``preprocessing`` defaults to pytorch-fid's pipeline. Any other JSON-able keys are kept.
@@ -31,14 +31,15 @@ def save_stats(path: str | os.PathLike, stats: Mapping[str, Any], metadata: Mapp
         raise ValueError(f"stats must hold mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
     meta = {"preprocessing": PREPROCESSING, **metadata, "n": int(stats["n"])}
     arrays = {"mu": mu, "sigma": sigma, "n": np.int64(stats["n"]), "metadata": np.array(json.dumps(meta))}
-    if "features" in stats:
-        arrays["features"] = np.asarray(stats["features"], np.float32)
+    for key in ("features", "logits"):
+        if key in stats:
+            arrays[key] = np.asarray(stats[key], np.float32)
     with open(path, "wb") as file:
         np.savez(file, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """{"mu", "sigma", "n", "metadata", "sha256"} (+ "features" when saved) of a stats file."""
+    """{"mu", "sigma", "n", "metadata", "sha256"} (+ "features", "logits" when saved) of a stats file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics {path} do not exist; compute them with "
                                 "--mode=fid_stats (sdejax.evaluation.stats.compute_statistics + save_stats)")

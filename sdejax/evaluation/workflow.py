@@ -10,7 +10,8 @@ Config keys read (all optional, ``config.eval.get(key, default)``):
 * ``eval.fid_stats_path``: the statistics file (default ``workdir/fid_stats/<dataset>_<split>.npz``).
 * ``eval.inception_weights``: the Inception weight file (default ``$SDEJAX_INCEPTION_WEIGHTS``).
 
-and the existing ``eval.batch_size`` (global batch of data, samples and Inception) and the
+and the existing ``eval.batch_size`` (the global batch of data images for ``fid_stats``; the rows of
+one sampling batch, made on one host, for ``fid_eval``) and the
 ``data.*`` keys of :mod:`sdejax.data.datasets`. Data images are read in file order with no flip and
 no dequantisation (x = k / (L - 1) on the data's own grid), grayscale tiled to RGB. Every process
 reads its own rows and the float64 moments are merged exactly (:mod:`sdejax.evaluation.stats`).
@@ -32,14 +33,15 @@ from jax.experimental import multihost_utils
 from sdejax.data import datasets, registry
 from sdejax.data.pipeline import Pipeline
 from sdejax.evaluation import evaluate, inception, inception_weights, stats, stats_file
-from sdejax.evaluation.features import FeatureFn, inception_feature_fn
+from sdejax.evaluation.features import allgather_rows, inception_feature_fn
 
 SPLITS = ("train", "eval")
 DEFAULT_KID_FEATURES = 10_000
 IS_SPLITS = 10
 DATA_PREPROCESSING = ("data: file order, no flip, no dequantisation, x = k / (L - 1) at "
                       "config.data.image_size, grayscale tiled to RGB")
-SEED_DERIVATION = "fold_in(fold_in(PRNGKey(seed), process_index), batch_index)"
+SEED_DERIVATION = ("batch g holds rows [g B, (g + 1) B) (B = eval.batch_size) and has key fold_in(PRNGKey(seed), g); "
+                   "process p of P makes batches [floor(p G / P), floor((p + 1) G / P)) of the G")
 
 SampleFn = Callable[[jax.Array, int], Any]
 
@@ -78,7 +80,7 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                     num_workers=config.data.get("num_workers", 0))
     iterator = datasets.get_iterator(config, split, opts, data_dir=data_dir)
     local = _local_batches(iterator, opts, limit)
-    feature_fn = _allow_empty(inception_feature_fn(variables, _device_multiple(batch_size)))
+    feature_fn = inception_feature_fn(variables, _device_multiple(batch_size))
     shape = (0, config.data.image_size, config.data.image_size, 3)
     keep = -(-kid_features // p_count)
     moments, kept = stats.accumulate(feature_fn, _in_lockstep(local, shape), "pool3",
@@ -112,40 +114,48 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
              weights_path: str | os.PathLike | None = None, stats_path: str | os.PathLike | None = None,
              tag: int | str = "latest") -> dict[str, Any]:
     """FID / KID / IS of ``num_samples`` model samples against saved statistics, written by process
-    0 to ``workdir/eval/fid_<tag>.json`` (the CLI passes the checkpoint step as ``tag``).
+    0 to ``workdir/eval/fid_<tag>.json``, with the samples' own statistics (mu, sigma, n and the
+    pool3 rows used for KID: a statistics file usable as a reference) in ``fid_<tag>_stats.npz``.
+    The CLI passes the checkpoint step as ``tag``.
 
-    ``sample_fn(rng, n)`` returns this process's ``n`` samples, float NHWC in the data range
-    (``config.data.centered``: [-1, 1]), or ``(samples, nfe)``; ``n`` is always
-    ``eval.batch_size / process_count``, and the batch of process p, index b has key
-    ``fold_in(fold_in(PRNGKey(seed), p), b)``. Samples are mapped back with the inverse data scaler,
-    clipped to [0, 1] and tiled to RGB. ``sampler_metadata`` (sampler name and settings, and ``nfe``
-    unless ``sample_fn`` reports it) is recorded as ``"sampler"``. The statistics file
-    (``stats_path``, else :func:`default_stats_path`) must be readable by every process.
+    Per-host seeds: the N samples are G = ceil(N / B) batches of B = ``eval.batch_size`` rows (the
+    last one trimmed); batch g has key ``fold_in(PRNGKey(seed), g)`` and process p of P makes
+    batches [floor(p G / P), floor((p + 1) G / P)) with ``sample_fn(key, B)``. So every host draws
+    other samples, and the set of samples (hence FID/KID/IS, up to float rounding) is the same for
+    any number of hosts. ``sample_fn`` returns float NHWC samples in the data range
+    (``config.data.centered``: [-1, 1]), or ``(samples, nfe)``; it must run on this process's own
+    devices only (processes call it different numbers of times). Samples are mapped back with the
+    inverse data scaler, clipped to [0, 1] and tiled to RGB, and go through Inception B rows per
+    process at a time. ``sampler_metadata`` (sampler name and settings, and ``nfe`` unless
+    ``sample_fn`` reports it) is recorded as ``"sampler"``. The statistics file (``stats_path``,
+    else :func:`default_stats_path`) must be readable by every process.
     """
     p_index, p_count = jax.process_index(), jax.process_count()
-    if num_samples < IS_SPLITS or num_samples % p_count:
-        raise ValueError(f"num_samples must be >= {IS_SPLITS} (the Inception score's splits) and a multiple "
-                         f"of the {p_count} processes; got {num_samples}")
+    if num_samples < IS_SPLITS:
+        raise ValueError(f"num_samples must be >= {IS_SPLITS} (the Inception score's splits); got {num_samples}")
     batch_size = config.eval.batch_size
-    if batch_size % p_count:
-        raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by the {p_count} processes")
     variables, weights_file = load_inception(config, weights_path)
-    local_batch, local_total = batch_size // p_count, num_samples // p_count
-    num_batches = -(-local_total // local_batch)
+    num_batches = -(-num_samples // batch_size)
+    mine = range(num_batches * p_index // p_count, num_batches * (p_index + 1) // p_count)
+    rows = lambda g: min(batch_size, num_samples - g * batch_size)  # noqa: E731
+    kid_features = int(config.eval.get("kid_features", DEFAULT_KID_FEATURES))
+    # KID uses the first `kid_features` global rows; processes hold consecutive batches, so their
+    # leading rows, gathered in process order, are exactly those.
+    kid_local = sum(max(0, min(rows(g), kid_features - g * batch_size)) for g in mine)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    host_key = jax.random.fold_in(jax.random.PRNGKey(seed), p_index)
+    seed_key = jax.random.PRNGKey(seed)
     nfes: list[float] = []
     sampling_s = 0.0
 
     def samples() -> Iterator[np.ndarray]:
         nonlocal sampling_s
-        for b in range(num_batches):
+        for g in mine:
             start = time.perf_counter()
-            out = sample_fn(jax.random.fold_in(host_key, b), local_batch)
+            out = sample_fn(jax.random.fold_in(seed_key, g), batch_size)
             images, nfe = out if isinstance(out, tuple) else (out, None)
             images = np.asarray(images)
-            if len(images) != local_batch:
-                raise ValueError(f"sample_fn(rng, {local_batch}) returned shape {images.shape}")
+            if len(images) != batch_size:
+                raise ValueError(f"sample_fn(rng, {batch_size}) returned shape {images.shape}")
             sampling_s += time.perf_counter() - start
             if nfe is not None:
                 nfes.append(float(np.asarray(nfe)))
@@ -153,22 +163,26 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
                 raise ValueError("the NFE is unknown: sample_fn must return (samples, nfe) or "
                                  "sampler_metadata must hold 'nfe'")
             images = np.clip(np.asarray(inverse_scaler(images), np.float32), 0.0, 1.0)
-            yield _to_rgb(images, "sample_fn output", local_batch)[:local_total - b * local_batch]
+            yield _to_rgb(images, "sample_fn output", batch_size)[:rows(g)]
 
     path = pathlib.Path(stats_path) if stats_path is not None else default_stats_path(config, workdir)
-    kid_features = int(config.eval.get("kid_features", DEFAULT_KID_FEATURES))
+    evaluate.load_reference(path, variables)  # fail before sampling, not after
+    out_dir = pathlib.Path(workdir) / "eval"
     start = time.perf_counter()
-    result = evaluate.evaluate_samples(variables, samples(), path, batch_size=_device_multiple(batch_size),
-                                       splits=IS_SPLITS, kid_samples=-(-kid_features // p_count))
-    nfe = _nfe_record(nfes, sampler_metadata)
+    empty = (0, config.data.image_size, config.data.image_size, 3)
+    gen = evaluate.sample_statistics(variables, _in_lockstep(samples(), empty),
+                                     batch_size=_device_multiple(batch_size * p_count), kid_samples=kid_local)
+    result = evaluate.compare(gen, variables, path, splits=IS_SPLITS)
+    nfe = _nfe_record(allgather_rows(np.asarray(nfes, np.float64)), sampler_metadata)
     reasons = _not_comparable(config, result)
+    seeds = {"seed": seed, "derivation": SEED_DERIVATION, "process_count": p_count, "num_batches": num_batches,
+             "batch_size": batch_size}
     result.update(
         comparable_to_literature=not reasons,
         not_comparable_because=reasons,
         sampler=dict(sampler_metadata),
         nfe=nfe,
-        seeds={"seed": seed, "derivation": SEED_DERIVATION, "process_count": p_count,
-               "batches_per_process": num_batches, "batch_size_per_process": local_batch},
+        seeds=seeds,
         inception_weights_file=weights_file,
         dataset=config.data.dataset,
         image_size=config.data.image_size,
@@ -177,8 +191,17 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
         total_s=time.perf_counter() - start,
     )
     if p_index == 0:
-        out = pathlib.Path(workdir) / "eval" / f"fid_{tag}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        samples_path = out_dir / f"fid_{tag}_stats.npz"
+        stats_file.save_stats(samples_path, gen, {
+            "dataset": f"samples of {config.data.dataset}", "dataset_version": None, "split": f"samples_{tag}",
+            "image_size": config.data.image_size, "complete_split": True, "kid_features": len(gen.get("features", ())),
+            "inception_weights_sha256": result["inception_weights_sha256"], "inception_weights_file": weights_file,
+            "preprocessing": f"samples: inverse data scaler, clip to [0, 1], grayscale tiled to RGB; "
+                             f"{inception.PREPROCESSING}",
+            "sampler": _finite_or_none(dict(sampler_metadata)), "seeds": seeds, "tag": tag})
+        result["samples_statistics"] = {"path": os.fspath(samples_path), "sha256": stats_file.file_sha256(samples_path)}
+        out = out_dir / f"fid_{tag}.json"
         out.write_text(json.dumps(_finite_or_none(result), indent=2, sort_keys=True, allow_nan=False))
         result["path"] = os.fspath(out)
     return result
@@ -243,17 +266,6 @@ def _any_process(has_batch: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(has_batch))).any())
 
 
-def _allow_empty(feature_fn: FeatureFn) -> FeatureFn:
-    """``feature_fn`` that also takes 0-row batches (it still runs, on one zero image, to join the collective)."""
-
-    def features(images: np.ndarray) -> Any:
-        if len(images):
-            return feature_fn(images)
-        return jax.tree.map(lambda a: a[:0], feature_fn(np.zeros((1,) + images.shape[1:], images.dtype)))
-
-    return features
-
-
 def _to_rgb(images: np.ndarray, what: str, max_rows: int) -> np.ndarray:
     """(n <= max_rows, H, W, 1 or 3) float images -> (n, H, W, 3) float32 (grayscale tiled)."""
     images = np.asarray(images, np.float32)
@@ -269,10 +281,12 @@ def _device_multiple(batch_size: int) -> int:
     return -(-batch_size // devices) * devices
 
 
-def _nfe_record(nfes: list[float], sampler_metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """NFE per batch (mean, min, max) as reported by sample_fn, else ``sampler_metadata["nfe"]``."""
-    if nfes:
-        return {"mean": float(np.mean(nfes)), "min": min(nfes), "max": max(nfes), "source": "sample_fn"}
+def _nfe_record(nfes: np.ndarray, sampler_metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """NFE per batch (mean, min, max over every process's batches) as reported by sample_fn, else
+    ``sampler_metadata["nfe"]``."""
+    if len(nfes):
+        return {"mean": float(np.mean(nfes)), "min": float(nfes.min()), "max": float(nfes.max()),
+                "source": "sample_fn"}
     nfe = float(sampler_metadata["nfe"])
     return {"mean": nfe, "min": nfe, "max": nfe, "source": "sampler_metadata"}
 

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sdejax import losses, score
@@ -361,10 +361,13 @@ def _data_shape(s: Setup) -> tuple[int, ...]:
     return tuple(np.shape(s.data.heldout)[1:])
 
 
-def make_sampler(s: Setup, method: str, n: int) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
+def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
     """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` ("pc": config.sampling's
-    predictor/corrector; "ode": the probability-flow ODE), compiled once as one global program over
-    the mesh (samples sharded over all devices of all processes when n divides); and the compile time."""
+    predictor/corrector; "ode": the probability-flow ODE), compiled once, and the compile time.
+
+    By default one global program over the mesh (samples sharded over all devices of all processes
+    when n divides; every process must pass the same rng); `local=True` runs on this process's
+    devices only (each process may call it with its own rng, any number of times)."""
     if method not in SAMPLING_METHODS:
         raise ValueError(f"unknown sampling method {method!r}; valid: {list(SAMPLING_METHODS)}")
     from sdejax.sampling.ode import ode_sample
@@ -381,12 +384,20 @@ def make_sampler(s: Setup, method: str, n: int) -> tuple[Callable[[Array], tuple
         return ode_sample(rng, s.sde, score_fn, shape, rtol=c.get("rtol", 1e-5), atol=c.get("atol", 1e-5),
                           denoise=c.noise_removal)
 
-    mesh = s.placement.mesh
+    if local:
+        mesh = Mesh(np.asarray(jax.local_devices()), (parallel.AXIS,))
+        params = jax.device_put(jax.tree_util.tree_map(_local_copy, s.state.ema_params), NamedSharding(mesh, P()))
+    else:
+        mesh, params = s.placement.mesh, s.placement.on_mesh(s.state.ema_params)
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
-    params = s.placement.on_mesh(s.state.ema_params)
     compiled, compile_s = _compile(sample, params, jax.random.PRNGKey(0),
-                                   out_shardings=(out_sharding, s.placement.replicated))
+                                   out_shardings=(out_sharding, NamedSharding(mesh, P())))
     return (lambda rng: compiled(params, rng)), compile_s
+
+
+def _local_copy(x: Any) -> np.ndarray:
+    """A host copy of a (replicated) array, read from this process's first shard."""
+    return np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
@@ -399,15 +410,13 @@ def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray,
 
 def fid_eval(s: Setup, workdir: pathlib.Path) -> dict:
     """FID/KID/IS of `eval.num_samples` samples by `sampling.method` (EMA params) against the
-    reference statistics of `--mode=fid_stats` (`sdejax.evaluation.workflow`); the sampler is
-    compiled once for batches of `eval.batch_size`."""
+    reference statistics of `--mode=fid_stats` (`sdejax.evaluation.workflow.fid_eval`: batches of
+    `eval.batch_size` with per-batch keys from `config.seed`, spread over the processes); each
+    process samples on its own devices with a sampler compiled once."""
     from sdejax.evaluation import workflow
 
-    if jax.process_count() > 1:
-        raise NotImplementedError("FID evaluation from the CLI runs on one process for now (per-host sampling "
-                                  "seeds are not wired into the global sampling program); use one host")
     c = s.config
-    sampler, compile_s = make_sampler(s, c.sampling.method, c.eval.batch_size)
+    sampler, compile_s = make_sampler(s, c.sampling.method, c.eval.batch_size, local=True)
 
     def sample_fn(rng, n):
         x, nfe = sampler(rng)
