@@ -92,7 +92,8 @@ def test_fid_stats_file_and_metadata(reference, weights, features, train_rows):
                 "split": "train", "image_size": 16, "num_channels": 1, "n": NUM_REF, "fid_num_samples": NUM_REF,
                 "complete_split": False, "kid_features": NUM_REF, "process_count": 1,
                 "inception_weights_sha256": inception.weights_sha256(weights["variables"]),
-                "inception_weights_file": str(weights["path"])}
+                "inception_weights_file": str(weights["path"]), "inception_weights_source_sha256": None,
+                "inception_weights_standard": False}
     assert {k: meta[k] for k in expected} == expected
     assert "grayscale tiled to RGB" in meta["preprocessing"] and "no dequantisation" in meta["preprocessing"]
     saved = workflow.stats_file.load_stats(path)
@@ -176,6 +177,7 @@ def test_eval_real_versus_noise(config, reference, weights, features, train_rows
         assert recorded["comparable_to_literature"] is False
         assert "fewer than 50000 samples" in recorded["not_comparable_because"]
         assert "reference is not the complete split" in recorded["not_comparable_because"]
+        assert recorded["inception_weights_standard"] is False  # synthetic weights
         assert recorded["kid_std_error"] is None  # one KID block: no standard error (NaN is not JSON)
         assert math.isfinite(recorded["kid"]) and math.isfinite(recorded["inception_score"])
     assert real["n_samples"] == NUM_REF and len(calls) == 2
@@ -186,12 +188,14 @@ def test_eval_real_versus_noise(config, reference, weights, features, train_rows
 
 
 def test_protocol_comparability(config):
-    full = {"n_samples": 50_000, "reference": {"n": 50_000, "split": "train", "complete_split": True,
-                                                "dataset": "DIGITS", "image_size": 16}}
+    full = {"n_samples": 50_000, "inception_weights_standard": True,
+            "reference": {"n": 50_000, "split": "train", "complete_split": True, "dataset": "DIGITS", "image_size": 16}}
     assert workflow._not_comparable(config, full) == []
     fewer = {**full, "n_samples": 49_999, "reference": {**full["reference"], "split": "test", "image_size": 32}}
     assert workflow._not_comparable(config, fewer) == [
         "fewer than 50000 samples", "reference is not the training split", "reference has another image size"]
+    assert workflow._not_comparable(config, {**full, "inception_weights_standard": False}) == [
+        f"Inception weights are not the standard {inception_weights.WEIGHTS_FILE}"]
 
 
 def test_missing_weights_say_where_to_get_them(config, tmp_path, monkeypatch):

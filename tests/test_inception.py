@@ -209,3 +209,19 @@ def test_bad_images_name_the_argument():
         inception.preprocess(jnp.zeros((2, 3, 32, 32)))
     with pytest.raises(TypeError, match="images"):
         inception.preprocess(jnp.zeros((2, 32, 32, 3), jnp.uint8))
+
+
+def test_provenance_says_whether_weights_are_the_standard_file(tmp_path, state_dict, variables):
+    """The .pth's own sha256, or the one an .npz recorded at conversion, against the standard file's."""
+    pth = tmp_path / inception_weights.WEIGHTS_FILE
+    pth.write_bytes(b"not the weights")
+    assert inception_weights.provenance(pth) == {"file": str(pth), "standard": False,
+                                                 "source_sha256": hashlib.sha256(b"not the weights").hexdigest()}
+    for source, standard in ((inception_weights.STANDARD_SHA256, True), ("0" * 64, False), (None, False)):
+        path = tmp_path / f"{source}.npz"
+        inception_weights.save_state_dict(state_dict, path, source_sha256=source)
+        assert inception_weights.provenance(path) == {"file": str(path), "source_sha256": source,
+                                                      "standard": standard}
+        jax.tree.map(np.testing.assert_array_equal, inception.load_weights(path), variables)
+    # torch.hub names files by the first 8 hex digits of their sha256.
+    assert inception_weights.WEIGHTS_FILE.endswith(f"-{inception_weights.STANDARD_SHA256[:8]}.pth")

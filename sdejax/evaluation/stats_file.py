@@ -5,7 +5,6 @@ preprocessing, and the checksum of the Inception weights (``inception.weights_sh
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -13,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdejax.evaluation.inception import PREPROCESSING
+from sdejax.evaluation.inception_weights import file_sha256  # noqa: F401 (re-exported)
 
 REQUIRED_METADATA = ("dataset", "dataset_version", "split", "inception_weights_sha256")
 
@@ -49,12 +49,3 @@ def load_stats(path: str | os.PathLike) -> dict[str, Any]:
     stats["metadata"] = json.loads(str(stats["metadata"]))
     stats["sha256"] = file_sha256(path)
     return stats
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -47,12 +47,17 @@ SampleFn = Callable[[jax.Array, int], Any]
 
 
 def load_inception(config: ml_collections.ConfigDict,
-                   weights_path: str | os.PathLike | None = None) -> tuple[dict[str, Any], str]:
+                   weights_path: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Inception variables from ``weights_path``, ``config.eval.inception_weights`` or
-    ``$SDEJAX_INCEPTION_WEIGHTS`` (FileNotFoundError saying how to obtain them), and the path used."""
+    ``$SDEJAX_INCEPTION_WEIGHTS`` (FileNotFoundError saying how to obtain them), and the file's
+    provenance as recorded in statistics and results: {"inception_weights_file",
+    "inception_weights_source_sha256", "inception_weights_standard"} (``inception_weights.provenance``)."""
     path = inception_weights.resolve_path(
         weights_path if weights_path is not None else config.eval.get("inception_weights", None))
-    return inception.load_weights(path), os.fspath(path)
+    origin = inception_weights.provenance(path)
+    return inception.load_weights(path), {"inception_weights_file": origin["file"],
+                                          "inception_weights_source_sha256": origin["source_sha256"],
+                                          "inception_weights_standard": origin["standard"]}
 
 
 def default_stats_path(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
@@ -69,7 +74,7 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     saved to :func:`default_stats_path` by process 0; returns the file's metadata with n, path and
     sha256 (None on other processes). ``data_dir`` overrides ``config.data.data_dir``."""
     split = _fid_split(config)
-    variables, weights_file = load_inception(config, weights_path)
+    variables, weights_origin = load_inception(config, weights_path)
     limit = config.eval.get("fid_num_samples", None)
     kid_features = int(config.eval.get("kid_features", DEFAULT_KID_FEATURES))
     batch_size = config.eval.batch_size
@@ -97,7 +102,7 @@ def fid_stats(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         "complete_split": limit is None or result["n"] < limit,
         "kid_features": len(result.get("features", ())),
         "inception_weights_sha256": inception.weights_sha256(variables),
-        "inception_weights_file": weights_file,
+        **weights_origin,
         "process_count": p_count,
     }
     path = default_stats_path(config, workdir)
@@ -134,7 +139,7 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
     if num_samples < IS_SPLITS:
         raise ValueError(f"num_samples must be >= {IS_SPLITS} (the Inception score's splits); got {num_samples}")
     batch_size = config.eval.batch_size
-    variables, weights_file = load_inception(config, weights_path)
+    variables, weights_origin = load_inception(config, weights_path)
     num_batches = -(-num_samples // batch_size)
     mine = range(num_batches * p_index // p_count, num_batches * (p_index + 1) // p_count)
     rows = lambda g: min(batch_size, num_samples - g * batch_size)  # noqa: E731
@@ -174,7 +179,7 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
                                      batch_size=_device_multiple(batch_size * p_count), kid_samples=kid_local)
     result = evaluate.compare(gen, variables, path, splits=IS_SPLITS)
     nfe = _nfe_record(allgather_rows(np.asarray(nfes, np.float64)), sampler_metadata)
-    reasons = _not_comparable(config, result)
+    reasons = _not_comparable(config, {**result, **weights_origin})
     seeds = {"seed": seed, "derivation": SEED_DERIVATION, "process_count": p_count, "num_batches": num_batches,
              "batch_size": batch_size}
     result.update(
@@ -183,7 +188,7 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
         sampler=dict(sampler_metadata),
         nfe=nfe,
         seeds=seeds,
-        inception_weights_file=weights_file,
+        **weights_origin,
         dataset=config.data.dataset,
         image_size=config.data.image_size,
         tag=tag,
@@ -196,7 +201,7 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
         stats_file.save_stats(samples_path, gen, {
             "dataset": f"samples of {config.data.dataset}", "dataset_version": None, "split": f"samples_{tag}",
             "image_size": config.data.image_size, "complete_split": True, "kid_features": len(gen.get("features", ())),
-            "inception_weights_sha256": result["inception_weights_sha256"], "inception_weights_file": weights_file,
+            "inception_weights_sha256": result["inception_weights_sha256"], **weights_origin,
             "preprocessing": f"samples: inverse data scaler, clip to [0, 1], grayscale tiled to RGB; "
                              f"{inception.PREPROCESSING}",
             "sampler": _finite_or_none(dict(sampler_metadata)), "seeds": seeds, "tag": tag})
@@ -292,11 +297,14 @@ def _nfe_record(nfes: np.ndarray, sampler_metadata: Mapping[str, Any]) -> dict[s
 
 
 def _not_comparable(config: ml_collections.ConfigDict, result: Mapping[str, Any]) -> list[str]:
-    """Why the FID is not comparable with published numbers (empty: it is): the protocol is
-    >= 50,000 samples against the complete training split of the same dataset at the same size."""
+    """Why the FID is not comparable with published numbers (empty: it is): the protocol is the
+    standard Inception weights and >= 50,000 samples against the complete training split of the same
+    dataset at the same size."""
     ref = result["reference"]
     spec = registry.get_spec(config)
     checks = {
+        f"Inception weights are not the standard {inception_weights.WEIGHTS_FILE}":
+            not result.get("inception_weights_standard", False),
         f"fewer than {evaluate.PROTOCOL_SAMPLES} samples": result["n_samples"] < evaluate.PROTOCOL_SAMPLES,
         f"reference has fewer than {evaluate.PROTOCOL_SAMPLES} images": ref["n"] < evaluate.PROTOCOL_SAMPLES,
         "reference is not the training split": ref.get("split") != spec.train_split,
