@@ -40,11 +40,15 @@ def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys, fixtures_dir):
     data_state = json.loads((workdir / "checkpoints" / "2" / "data" / "metadata").read_text())
     assert data_state == {"next_index": 2}  # the grain iterator's position is checkpointed
     log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
-    assert {"loss", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"} <= set(log[-1])
-    assert log[-1]["step"] == 2 and np.isfinite(log[-1]["loss"]) and "eval_loss" in log[-1]
+    last = [r for r in log if "loss" in r][-1]
+    assert {"loss", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s"} <= set(last)
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and "eval_loss" in last
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     grid = np.asarray(Image.open(workdir / "samples" / "snapshot_2.png"))
     assert grid.shape == (2 * 17 + 1, 2 * 17 + 1)  # 4 samples of 16x16, 1-pixel borders
+    # The config's in-training monitor scored the snapshot (an untrained model: far from the digits).
+    monitored = [r for r in log if "samples/digits_frechet_distance" in r]
+    assert [r["step"] for r in monitored] == [2] and monitored[0]["samples/digits_frechet_distance"] > 0
 
     _cli(monkeypatch, *flags, "--mode=eval", config=CONFIG)
     bpd = json.loads((workdir / "eval_metrics.json").read_text())["heldout"]

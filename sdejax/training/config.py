@@ -21,9 +21,10 @@ _SCORE_SDE_KEYS: dict[str, set[str]] = {
 _SDEJAX_KEYS: dict[str, set[str]] = {
     # importance_weighting: t ~ g²/σ² (likelihood weighting); keep_checkpoints: how many rolling
     # (preemption) checkpoints to keep besides the snapshots; parallelism: "jit" (Mesh) or "pmap";
-    # grad_accum_steps: microbatches per optimizer step; snapshot_num_samples: samples drawn at snapshots.
+    # grad_accum_steps: microbatches per optimizer step; snapshot_num_samples: samples drawn at snapshots;
+    # digits_monitor: log the digits classifier's Fréchet distance of those samples (DIGITS data).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
-                 "snapshot_num_samples"},
+                 "snapshot_num_samples", "digits_monitor"},
     # rtol/atol: probability-flow ODE tolerances for sampling.
     "sampling": {"rtol", "atol"},
     # after_training: run the eval/sampling report when training ends (the quick start);

@@ -38,7 +38,7 @@ from sdejax.training.writer import MetricWriter
 
 Array = jax.Array
 
-_STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6}
+_STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6, "monitor": 7}
 SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
               "subvpsde": ("beta_min", "beta_max")}
 SAMPLING_METHODS = ("pc", "ode")
@@ -282,6 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     multi_step = s.placement.compile(step_lib.make_multi_step(train_step))
     eval_fn = _eval_loss_fn(config, s)
     state, step, last_saved = s.placement.replicate(s.state), int(s.state.step), s.checkpointer.latest_step()
+    monitor = make_monitor(config) if t.get("snapshot_sampling", False) and t.snapshot_freq > 0 else None
     writer, watcher = MetricWriter(workdir), preemption.PreemptionWatcher()
     start, last_loss, preempted = time.perf_counter(), None, False
     tick, tick_step, window = time.perf_counter(), step, []
@@ -322,7 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                     last_saved = step
                     if snapshot and t.get("snapshot_sampling", False):
                         s.state = host_state
-                        snapshot_samples(s, workdir, writer)
+                        snapshot_samples(s, workdir, writer, monitor)
         s.checkpointer.wait()
     finally:
         watcher.close()
@@ -506,14 +507,37 @@ def _save_samples(s: Setup, stem: pathlib.Path, samples: dict[str, np.ndarray]) 
         save_png(pathlib.Path(f"{stem}.png"), np.asarray(s.data.heldout), samples)
 
 
-def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter) -> None:
+def make_monitor(config: ml_collections.ConfigDict) -> Optional[Callable[[np.ndarray], dict]]:
+    """With `training.digits_monitor` (DIGITS data only): `samples (model range) -> {"digits_frechet_distance"}`,
+    the Fréchet distance of an in-project digits classifier's features against the test split
+    (`sdejax.evaluation.digits_monitor`; NOT FID); the classifier is trained once, here."""
+    if not config.training.get("digits_monitor", False):
+        return None
+    if config.data.dataset.upper() != "DIGITS":
+        raise ValueError(f"training.digits_monitor needs data.dataset='DIGITS'; got {config.data.dataset!r}")
+    from sdejax.data import datasets
+    from sdejax.evaluation import digits_monitor
+
+    monitor = digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(_key(config, "monitor")))
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    return lambda x: {"digits_frechet_distance": monitor(np.clip(np.asarray(inverse_scaler(x), np.float32), 0, 1))}
+
+
+def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter,
+                     monitor: Optional[Callable[[np.ndarray], dict]] = None) -> None:
     """`training.snapshot_num_samples` (default 64) samples by `sampling.method` at a snapshot:
-    `samples/snapshot_<step>.{npz,png}` and, for images, a TensorBoard grid."""
+    `samples/snapshot_<step>.{npz,png}`, for images a TensorBoard grid, and the `monitor`'s scores
+    of them logged under `samples/`."""
+    step = int(s.state.step)
     n = s.config.training.get("snapshot_num_samples", 64)
-    x, _ = draw_samples(s, s.config.sampling.method, n, jax.random.fold_in(_key(s.config, "sample"), int(s.state.step)))
-    _save_samples(s, workdir / "samples" / f"snapshot_{int(s.state.step)}", {"samples": x})
+    x, _ = draw_samples(s, s.config.sampling.method, n, jax.random.fold_in(_key(s.config, "sample"), step))
+    _save_samples(s, workdir / "samples" / f"snapshot_{step}", {"samples": x})
     if isinstance(s.data, ImageData):
-        writer.image(int(s.state.step), "samples", image_grid(s, x))
+        writer.image(step, "samples", image_grid(s, x))
+    if monitor is not None:
+        scores = monitor(x)
+        logging.info("step %d samples: %s", step, scores)
+        writer.scalars(step, {f"samples/{k}": v for k, v in scores.items()})
 
 
 def report(s: Setup, workdir: pathlib.Path) -> dict:
