@@ -22,9 +22,10 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # importance_weighting: t ~ g²/σ² (likelihood weighting); keep_checkpoints: how many rolling
     # (preemption) checkpoints to keep besides the snapshots; parallelism: "jit" (Mesh) or "pmap";
     # grad_accum_steps: microbatches per optimizer step; snapshot_num_samples: samples drawn at snapshots;
-    # digits_monitor: log the digits classifier's Fréchet distance of those samples (DIGITS data).
+    # digits_monitor: log the digits classifier's Fréchet distance of those samples (DIGITS data);
+    # unroll_steps: unroll the n_jitted_steps and microbatch loops (default: on CPU; sdejax.training.step).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
-                 "snapshot_num_samples", "digits_monitor"},
+                 "snapshot_num_samples", "digits_monitor", "unroll_steps"},
     # rtol/atol: probability-flow ODE tolerances for sampling.
     "sampling": {"rtol", "atol"},
     # after_training: run the eval/sampling report when training ends (the quick start);
