@@ -200,7 +200,7 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
         samples_path = out_dir / f"fid_{tag}_stats.npz"
         stats_file.save_stats(samples_path, gen, {
             "dataset": f"samples of {config.data.dataset}", "dataset_version": None, "split": f"samples_{tag}",
-            "image_size": config.data.image_size, "complete_split": True, "kid_features": len(gen.get("features", ())),
+            "image_size": config.data.image_size, "kid_features": len(gen.get("features", ())),
             "inception_weights_sha256": result["inception_weights_sha256"], **weights_origin,
             "preprocessing": f"samples: inverse data scaler, clip to [0, 1], grayscale tiled to RGB; "
                              f"{inception.PREPROCESSING}",
