@@ -30,24 +30,21 @@ def sample_statistics(variables: Mapping[str, Any], sample_iterator: Iterable[np
 
 
 def load_reference(reference: str | os.PathLike, variables: Mapping[str, Any]) -> dict[str, Any]:
-    """The statistics file ``reference`` (see ``stats_file.load_stats``); ValueError if it was made
-    with Inception weights other than ``variables``."""
+    """The statistics file ``reference`` (``stats_file.load_stats``, plus its "path"); ValueError if
+    it was made with Inception weights other than ``variables``."""
     ref = load_stats(reference)
     weights = inception.weights_sha256(variables)
     if ref["metadata"]["inception_weights_sha256"] != weights:
         raise ValueError(f"reference {reference} was computed with Inception weights "
                          f"{ref['metadata']['inception_weights_sha256']}, not the loaded {weights}")
-    return ref
+    return {**ref, "path": os.fspath(reference)}
 
 
-def compare(samples: Mapping[str, Any], variables: Mapping[str, Any], reference: str | os.PathLike, *,
-            metadata: Mapping[str, Any] | None = None, splits: int = 10,
-            kid_max_block_size: int = 1024) -> dict[str, Any]:
+def compare(samples: Mapping[str, Any], ref: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+            splits: int = 10, kid_max_block_size: int = 1024) -> dict[str, Any]:
     """FID of ``samples`` ({"mu", "sigma", "n", "logits", "features"}, from :func:`sample_statistics`)
-    against the reference file, KID of their pool3 rows against the file's stored rows (None when it
-    has none), IS of their logits in ``splits`` parts. Raises if the reference statistics were made
-    with Inception weights other than ``variables``."""
-    ref = load_reference(reference, variables)
+    against the reference ``ref`` (from :func:`load_reference`), KID of their pool3 rows against its
+    stored rows (None when it has none), IS of their logits in ``splits`` parts."""
     is_mean, is_std = metrics.inception_score(samples["logits"], splits)
     result = {
         "fid": metrics.frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"]),
@@ -63,7 +60,7 @@ def compare(samples: Mapping[str, Any], variables: Mapping[str, Any], reference:
         **result,
         "n_samples": samples["n"],
         "comparable_to_literature": samples["n"] >= PROTOCOL_SAMPLES and ref["n"] >= PROTOCOL_SAMPLES,
-        "reference": {"path": os.fspath(reference), "sha256": ref["sha256"], **ref["metadata"]},
+        "reference": {"path": ref["path"], "sha256": ref["sha256"], **ref["metadata"]},
         "inception_weights_sha256": ref["metadata"]["inception_weights_sha256"],
         **dict(metadata or {}),
     }
@@ -73,7 +70,8 @@ def evaluate_samples(variables: Mapping[str, Any], sample_iterator: Iterable[np.
                      reference: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
                      batch_size: int | None = None, splits: int = 10, kid_samples: int = 10_000,
                      kid_max_block_size: int = 1024) -> dict[str, Any]:
-    """:func:`compare` of the :func:`sample_statistics` of every process's samples (NHWC, [0, 1])."""
+    """:func:`compare` of the :func:`sample_statistics` of every process's samples (NHWC, [0, 1])
+    with the reference file (checked against ``variables`` before any sample is read)."""
+    ref = load_reference(reference, variables)
     samples = sample_statistics(variables, sample_iterator, batch_size=batch_size, kid_samples=kid_samples)
-    return compare(samples, variables, reference, metadata=metadata, splits=splits,
-                   kid_max_block_size=kid_max_block_size)
+    return compare(samples, ref, metadata=metadata, splits=splits, kid_max_block_size=kid_max_block_size)

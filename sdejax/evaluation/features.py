@@ -59,7 +59,7 @@ def sharded_feature_fn(apply_fn: Callable[[Any, jax.Array], Any], variables: Any
     def features(images: np.ndarray) -> Any:
         images = np.asarray(images)
         n = len(images)
-        if images.ndim < 1 or n > local_size:
+        if n > local_size:
             raise ValueError(f"images must hold 0 to {local_size} rows per process; got shape {images.shape}")
         padded = np.concatenate([images, np.zeros((local_size - n,) + images.shape[1:], images.dtype)])
         out = run(variables, jax.make_array_from_process_local_data(data, padded))

@@ -171,15 +171,15 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
             yield _to_rgb(images, "sample_fn output", batch_size)[:rows(g)]
 
     path = pathlib.Path(stats_path) if stats_path is not None else default_stats_path(config, workdir)
-    evaluate.load_reference(path, variables)  # fail before sampling, not after
+    reference = evaluate.load_reference(path, variables)  # fail before sampling, not after
     out_dir = pathlib.Path(workdir) / "eval"
     start = time.perf_counter()
     empty = (0, config.data.image_size, config.data.image_size, 3)
     gen = evaluate.sample_statistics(variables, _in_lockstep(samples(), empty),
                                      batch_size=_device_multiple(batch_size * p_count), kid_samples=kid_local)
-    result = evaluate.compare(gen, variables, path, splits=IS_SPLITS)
+    result = {**evaluate.compare(gen, reference, splits=IS_SPLITS), **weights_origin}
     nfe = _nfe_record(allgather_rows(np.asarray(nfes, np.float64)), sampler_metadata)
-    reasons = _not_comparable(config, {**result, **weights_origin})
+    reasons = _not_comparable(config, result)
     seeds = {"seed": seed, "derivation": SEED_DERIVATION, "process_count": p_count, "num_batches": num_batches,
              "batch_size": batch_size}
     result.update(
@@ -188,7 +188,6 @@ def fid_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike, samp
         sampler=dict(sampler_metadata),
         nfe=nfe,
         seeds=seeds,
-        **weights_origin,
         dataset=config.data.dataset,
         image_size=config.data.image_size,
         tag=tag,
