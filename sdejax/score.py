@@ -62,6 +62,12 @@ def convert(value: Array, src: str, dst: str, x: Array, alpha: Array, sigma: Arr
     return from_eps(dst, to_eps(src, value, x, alpha, sigma), x, alpha, sigma)
 
 
+def tweedie_x0(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t: Array) -> Array:
+    """Tweedie's estimate x̂₀ = E[x₀ | x_t] = (x_t + σ_t² ∇log p_t(x_t)) / α_t, `t` of shape (batch,)."""
+    alpha, sigma = sde.marginal_coeffs(t)
+    return convert(score_fn(x, t), "score", "x0", x, alpha, sigma)
+
+
 def network_inputs(sde: SDE, t: Array, continuous: bool) -> tuple[Array, Array, Array]:
     """Labels fed to the network at time t, and the (α, σ) that turn its output into a score.
 
