@@ -3,8 +3,8 @@ diffusers' integer timesteps written out by hand, and the validator's messages.
 
 Grids are float64. ε = 2.2e-16. Where a grid is built through t(λ), the round trip σ̃ → λ → t → σ̃
 costs a few ε times the conditioning of t(λ): ≤ 15 ε measured on VE/VP/sub-VP/EDM/discrete, so the
-tolerance there is 1e-13 (≈ 450 ε). The cosine schedule's closed form t = arccos(√sigmoid(λ)·cos θ₀)
-is conditioned like cot θ₀/(2t) ≈ 4·10⁴ near t = eps = 1e-3 (arccos near 1), ≈ 1e-11 relative,
+tolerance there is 1e-13 (≈ 450 ε). The cosine schedule evaluates σ² = 1 − cos²θ/cos²θ₀ with
+cancellation near t = 0 (7e-12 relative at t = eps = 1e-3, measured against 40-digit arithmetic),
 so its tolerance is 1e-10.
 """
 import jax
