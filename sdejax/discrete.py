@@ -110,3 +110,9 @@ class DiscreteVPSDE(_DDPMChain, SDE):
     @property
     def prior_std(self) -> float:
         return 1.0
+
+    def default_precond(self, continuous: bool = True):
+        """ε output with the chain's timestep t(N − 1)/T as the label (an integer at the knots)."""
+        from sdejax.precond import Precond
+
+        return Precond.plain("eps", "chain_time")

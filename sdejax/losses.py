@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdejax.score import DEFAULT_PREDICTION, PREDICTIONS, from_eps, network_inputs
-from sdejax.sde import SDE, VESDE, VPSDE, batch_broadcast, subVPSDE
+from sdejax.precond import Precond, lognormal_sigmas
+from sdejax.score import from_eps, resolve_precond
+from sdejax.sde import SDE, batch_broadcast
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
@@ -59,13 +60,6 @@ def _eps_scale(prediction: str, alpha: Array, sigma: Array) -> Array:
     if prediction == "x0":
         return -sigma / alpha
     return (alpha**2 + sigma**2) / alpha
-
-
-def _resolve_prediction(sde: SDE, prediction: str | None) -> str:
-    prediction = DEFAULT_PREDICTION.get(type(sde), "score") if prediction is None else prediction
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; valid: {list(PREDICTIONS)}")
-    return prediction
 
 
 def _check_batch(batch: dict) -> Array:
@@ -90,12 +84,18 @@ def _per_example_normal(keys: Array, x0: Array) -> Array:
     return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(keys)
 
 
-def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma, prediction, weight, reduce_mean):
-    """weight · reduce(‖out − target_p‖²) per example, with x_t = α x_0 + σ z."""
+def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma, precond: Precond, weight,
+                      reduce_mean):
+    """weight · reduce(‖F − F_target‖²) per example, x_t = α x_0 + σ z, F_target from the target of
+    kind `precond.output` (`Precond.target_F`; the plain network output and its target otherwise)."""
     a, s = batch_broadcast(alpha, x0), batch_broadcast(sigma, x0)
     xt = a * x0 + s * z
-    out = apply_fn(params, xt, labels, train=train, rng=rng)
-    target = x0 if prediction == "x0" else from_eps(prediction, z, xt, alpha, sigma)
+    c_in, _, _ = (batch_broadcast(v, x0) for v in precond.scalings(alpha, sigma))
+    out = apply_fn(params, xt if precond.sigma_data is None else c_in * xt, labels, train=train, rng=rng)
+    kind = precond.output
+    target = x0 if kind == "x0" else from_eps(kind, z, xt, alpha, sigma)
+    if precond.sigma_data is not None:
+        target = precond.target_F(target, xt, alpha, sigma)
     return weight * _reduce(jnp.square(out - target), reduce_mean)
 
 
@@ -127,6 +127,29 @@ def _importance_times(u: Array, grid_t: Array, grid_f: Array) -> tuple[Array, Ar
     return t, df / dt / (grid_f[-1] - grid_f[0])
 
 
+TIME_SAMPLINGS = ("uniform", "importance", "lognormal")
+
+
+def _draw_times(sde: SDE, u: Array, how: str, eps: float, grid, p_mean: float, p_std: float):
+    """(t, weight 1/(q(t)(T − eps)) relative to uniform) for u ~ U[0, 1) ("uniform", "importance") or
+    u ~ N(0, 1) ("lognormal": ln σ̃ ~ N(P_mean, P_std²), t = t(λ = −2 ln σ̃), weight 1)."""
+    if how == "importance":
+        t, q = _importance_times(u, *grid)
+        return t, 1.0 / (q * (sde.T - eps))
+    if how == "lognormal":
+        return sde.t_from_log_snr(-2.0 * jnp.log(lognormal_sigmas(u, p_mean, p_std))), jnp.ones_like(u)
+    return eps + u * (sde.T - eps), jnp.ones_like(u)
+
+
+def _loss_weight(sde: SDE, precond: Precond, t, alpha, sigma, likelihood_weighting: bool) -> Array:
+    """The weight on ‖F − F_target‖²: plain MSE (σ² for score outputs, as the original), or g² on the
+    score error, i.e. g² c_out² / (σ k_p)² (module docstring)."""
+    if likelihood_weighting:
+        g2 = sde.coefficients(t)[1] ** 2
+        return g2 * jnp.square(precond.output_scale(alpha, sigma) / (sigma * _eps_scale(precond.output, alpha, sigma)))
+    return sigma**2 if precond.output == "score" else jnp.ones_like(sigma)
+
+
 def get_sde_loss_fn(
     sde: SDE,
     apply_fn: ApplyFn,
@@ -137,43 +160,44 @@ def get_sde_loss_fn(
     importance_weighting: bool = False,
     eps: float = 1e-5,
     prediction: str | None = None,
+    precond: Precond | None = None,
+    time_sampling: str = "uniform",
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
 ) -> LossFn:
-    """Continuous-time DSM: E_{t, x_0, z} [λ(t) ‖ŝ(x_t, t) − (−z/σ_t)‖²] with t ~ U[eps, T].
+    """Continuous DSM: E_{t, x_0, z} [λ(t) ‖ŝ(x_t, t) − (−z/σ_t)‖²], the network read through `precond`
+    (default: the schedule's, `sde.default_precond`), t ~ U[eps, T] by default.
 
-    λ = σ² in score space (the original), the plain MSE for eps/x0/v outputs (module docstring),
-    or g² with `likelihood_weighting`. `importance_weighting` (likelihood weighting only) draws t
-    from q(t) ∝ g²/σ² and multiplies by 1/(q(t)(T − eps)), an unbiased estimator of the same
-    expectation with far lower variance (the weight becomes nearly constant in t).
+    λ = σ² in score space (the original), the plain MSE on the network output otherwise (module
+    docstring), or g² with `likelihood_weighting`. `importance_weighting` (likelihood weighting only;
+    or `time_sampling="importance"`) draws t from q(t) ∝ g²/σ² and multiplies by 1/(q(t)(T − eps)).
+    `time_sampling="lognormal"` is EDM's ln σ̃ ~ N(p_mean, p_std²); with `Precond.edm` and the plain
+    weight this is EDM's loss, λ(σ) = (σ² + σ_d²)/(σ σ_d)² on ‖x̂₀ − x₀‖² (= ‖F − F_target‖²).
     """
-    prediction = _resolve_prediction(sde, prediction)
-    if importance_weighting and not likelihood_weighting:
+    precond = resolve_precond(sde, precond, prediction, continuous)
+    how = "importance" if importance_weighting else time_sampling
+    if how not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time_sampling {time_sampling!r}; valid: {list(TIME_SAMPLINGS)}")
+    if how == "importance" and not likelihood_weighting:
         raise ValueError("importance_weighting samples t for the likelihood-weighted loss; "
                          "set likelihood_weighting=True")
-    if not 0 < eps < sde.T:
-        raise ValueError(f"eps must lie in (0, T={sde.T}); got {eps}")
-    if importance_weighting:
-        grid_t, grid_f = (jnp.asarray(v, jnp.float32) for v in log_snr_inverse_cdf(sde, eps))
+    if not sde.t_min <= eps < sde.T:
+        raise ValueError(f"eps must lie in [t_min={sde.t_min}, T={sde.T}); got {eps}")
+    if not p_std > 0:
+        raise ValueError(f"p_std must be > 0; got {p_std}")
+    grid = tuple(jnp.asarray(v, jnp.float32) for v in log_snr_inverse_cdf(sde, eps)) if how == "importance" else None
 
     def loss_fn(params: Any, rng: Array, batch: dict) -> tuple[Array, dict]:
         x0 = _check_batch(batch)
         t_keys, z_keys, net_rng = _example_keys(rng, batch)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), x0.dtype))(t_keys)
-        if importance_weighting:
-            t, q = _importance_times(u, grid_t, grid_f)
-            time_weight = 1.0 / (q * (sde.T - eps))
-        else:
-            t = eps + u * (sde.T - eps)
-            time_weight = jnp.ones_like(t)
-        alpha, sigma = sde.marginal_coeffs(t)
-        if likelihood_weighting:
-            g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
-            weight = g2 / jnp.square(sigma * _eps_scale(prediction, alpha, sigma))
-        else:
-            weight = sigma**2 if prediction == "score" else jnp.ones_like(sigma)
-        labels, _, _ = network_inputs(sde, t, continuous)
+        draw = jax.random.normal if how == "lognormal" else jax.random.uniform
+        u = jax.vmap(lambda k: draw(k, (), x0.dtype))(t_keys)
+        t, time_weight = _draw_times(sde, u, how, eps, grid, p_mean, p_std)
+        labels, alpha, sigma = precond.inputs(sde, t)
+        weight = _loss_weight(sde, precond, t, alpha, sigma, likelihood_weighting)
         z = _per_example_normal(z_keys, x0)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
-                                   prediction, weight * time_weight, reduce_mean)
+                                   precond, weight * time_weight, reduce_mean)
         return jnp.mean(losses), {"losses": losses, "t": t}
 
     return loss_fn
@@ -191,29 +215,33 @@ def _discrete_loss_fn(apply_fn, train, reduce_mean, alphas, sigmas, prediction) 
         weight = sigma**2 if prediction == "score" else jnp.ones_like(sigma)
         z = _per_example_normal(z_keys, x0)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
-                                   prediction, weight, reduce_mean)
+                                   Precond.plain(prediction), weight, reduce_mean)
         return jnp.mean(losses), {"losses": losses, "t": labels}
 
     return loss_fn
 
 
-def get_ddpm_loss_fn(vpsde: VPSDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = True) -> LossFn:
+def _chain_table(sde: SDE, name: str, message: str) -> np.ndarray:
+    """The discrete table `name` of the schedule's chain, or a ValueError saying which schedules have one."""
+    table = getattr(sde, name, None)
+    if table is None:
+        raise ValueError(f"{message}; got {type(sde).__name__}")
+    return np.asarray(table)
+
+
+def get_ddpm_loss_fn(vpsde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = True) -> LossFn:
     """DDPM L_simple (Ho et al. 2020): E_{i, x_0, z} ‖ε̂(sqrt(ᾱ_i) x_0 + sqrt(1 − ᾱ_i) z, i) − z‖².
 
     Labels are the integer indices i into `vpsde.alphas_cumprod`, as the discrete VP score function.
     """
-    if not isinstance(vpsde, VPSDE) or isinstance(vpsde, subVPSDE):
-        raise ValueError(f"the DDPM loss needs a VPSDE (its discrete β table); got {type(vpsde).__name__}")
-    abar = vpsde.alphas_cumprod
+    abar = _chain_table(vpsde, "alphas_cumprod", "the DDPM loss needs a schedule with a DDPM chain (VPSDE, DiscreteVPSDE)")
     return _discrete_loss_fn(apply_fn, train, reduce_mean, np.sqrt(abar), np.sqrt(1.0 - abar), "eps")
 
 
-def get_smld_loss_fn(vesde: VESDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = False) -> LossFn:
+def get_smld_loss_fn(vesde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = False) -> LossFn:
     """SMLD / NCSN loss (Song & Ermon 2019): E_{i, x_0, z} σ_i² ‖ŝ(x_0 + σ_i z, i) + z/σ_i‖² (0.5·sum).
 
     Labels index the descending σ table `vesde.discrete_sigmas[::-1]`, as the discrete VE score function.
     """
-    if not isinstance(vesde, VESDE):
-        raise ValueError(f"the SMLD loss needs a VESDE (its σ table); got {type(vesde).__name__}")
-    sigmas = vesde.discrete_sigmas[::-1]
+    sigmas = _chain_table(vesde, "discrete_sigmas", "the SMLD loss needs a schedule with an SMLD σ table (VESDE)")[::-1]
     return _discrete_loss_fn(apply_fn, train, reduce_mean, np.ones_like(sigmas), sigmas, "score")

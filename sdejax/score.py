@@ -9,27 +9,22 @@ which hold for VE (α = 1), VP (α² + σ² = 1) and sub-VP alike. Every convers
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+from jax.tree_util import Partial
 
-from sdejax.sde import SDE, VESDE, VPSDE, batch_broadcast, check_time, subVPSDE
+from sdejax.precond import PREDICTIONS, Precond, check_prediction  # noqa: F401  (PREDICTIONS re-exported)
+from sdejax.sde import SDE, batch_broadcast, check_time
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
 
-PREDICTIONS = ("score", "eps", "x0", "v")
-
-
-def _check_prediction(kind: str) -> None:
-    if kind not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {kind!r}; valid: {list(PREDICTIONS)}")
-
 
 def to_eps(kind: str, value: Array, x: Array, alpha: Array, sigma: Array) -> Array:
     """The noise ε implied by a prediction `value` of type `kind` at x_t = x with per-example (α, σ)."""
-    _check_prediction(kind)
+    check_prediction(kind)
     a, s = batch_broadcast(alpha, x), batch_broadcast(sigma, x)
     if kind == "score":
         return -s * value
@@ -42,7 +37,7 @@ def to_eps(kind: str, value: Array, x: Array, alpha: Array, sigma: Array) -> Arr
 
 def from_eps(kind: str, eps: Array, x: Array, alpha: Array, sigma: Array) -> Array:
     """Express the noise ε at x_t = x as a prediction of type `kind` ("score", "eps", "x0", "v")."""
-    _check_prediction(kind)
+    check_prediction(kind)
     a, s = batch_broadcast(alpha, x), batch_broadcast(sigma, x)
     if kind == "score":
         return -eps / s
@@ -57,7 +52,7 @@ def from_eps(kind: str, eps: Array, x: Array, alpha: Array, sigma: Array) -> Arr
 def convert(value: Array, src: str, dst: str, x: Array, alpha: Array, sigma: Array) -> Array:
     """Convert a prediction between parameterisations at x_t = x, e.g. `convert(v, "v", "x0", ...)`."""
     if src == dst:
-        _check_prediction(src)
+        check_prediction(src)
         return value
     return from_eps(dst, to_eps(src, value, x, alpha, sigma), x, alpha, sigma)
 
@@ -68,37 +63,37 @@ def tweedie_x0(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t:
     return convert(score_fn(x, t), "score", "x0", x, alpha, sigma)
 
 
-def network_inputs(sde: SDE, t: Array, continuous: bool) -> tuple[Array, Array, Array]:
-    """Labels fed to the network at time t, and the (α, σ) that turn its output into a score.
+@dataclasses.dataclass(frozen=True)
+class NetworkScore:
+    """score(x, t) of a network through its preconditioner: `NetworkScore(...)(params, rng, x, t)`.
 
-    The conventions of the original score_sde, so its checkpoints behave identically:
-    VE continuous: labels σ(t); VE discrete: round((T − t)(N − 1)) indexing the descending σ table.
-    VP/sub-VP continuous: labels 999 t. VP discrete: labels t(N − 1), with (α, σ) = (sqrt(ᾱ), sqrt(1 − ᾱ))
-    from the DDPM table at int(t(N − 1)).
+    Hashable (the network, schedule and preconditioner are static), so `get_score_fn` can hand the
+    samplers a `Partial` whose only leaves are the parameters and the dropout key.
     """
-    alpha, sigma = sde.marginal_coeffs(t)
-    if isinstance(sde, VESDE):
-        if continuous:
-            return sigma, alpha, sigma
-        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
-        sigma = jnp.asarray(sde.discrete_sigmas[::-1], t.dtype)[labels]
-        return labels, alpha, sigma
-    if isinstance(sde, subVPSDE):
-        if not continuous:
-            raise ValueError("subVPSDE has no discrete-time score parameterisation; use continuous=True")
-        return 999.0 * t, alpha, sigma
-    if isinstance(sde, VPSDE):
-        if continuous:
-            return 999.0 * t, alpha, sigma
-        labels = t * (sde.N - 1)
-        abar = jnp.asarray(sde.alphas_cumprod, t.dtype)[labels.astype(jnp.int32)]
-        return labels, jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-    raise ValueError(
-        f"no network label convention for {type(sde).__name__}; supported: VESDE, VPSDE, subVPSDE"
-    )
+
+    sde: SDE
+    apply_fn: ApplyFn
+    precond: Precond
+    train: bool = False
+
+    def __call__(self, params: Any, rng: Array | None, x: Array, t: Array) -> Array:
+        check_time(x, t)
+        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng)  # noqa: E731
+        pred, alpha, sigma = self.precond.apply(net, self.sde, x, t)
+        return convert(pred, self.precond.output, "score", x, alpha, sigma)
 
 
-DEFAULT_PREDICTION = {VESDE: "score", VPSDE: "eps", subVPSDE: "eps"}
+def resolve_precond(sde: SDE, precond: Precond | None = None, prediction: str | None = None,
+                    continuous: bool = True) -> Precond:
+    """`precond`, or the schedule's default (`sde.default_precond(continuous)`), with its output kind
+    replaced by `prediction` when given (plain preconditioners only)."""
+    precond = sde.default_precond(continuous) if precond is None else precond
+    if prediction is None or prediction == precond.output:
+        return precond
+    check_prediction(prediction)
+    if precond.sigma_data is not None:
+        raise ValueError(f"prediction={prediction!r} conflicts with EDM preconditioning (it predicts x0)")
+    return dataclasses.replace(precond, output=prediction)
 
 
 def get_score_fn(
@@ -109,22 +104,13 @@ def get_score_fn(
     continuous: bool = True,
     train: bool = False,
     rng: Array | None = None,
-) -> Callable[[Array, Array], Array]:
+    precond: Precond | None = None,
+) -> Partial:
     """Turn a network `apply_fn(params, x, labels, *, train, rng)` into `score_fn(x, t)`.
 
-    `prediction` says what the network outputs ("score", "eps", "x0", "v"). The default follows the
-    original: the score for VE, ε for VP and sub-VP (score = −output/σ_t).
+    The network is read through `precond` (default: the schedule's own, e.g. score_sde's score output
+    for VE and ε for VP / sub-VP); `prediction` overrides what a plain network outputs. The result is
+    a `jax.tree_util.Partial` with `params` as leaves, so samplers compile once for all parameters.
     """
-    if prediction is None:
-        prediction = DEFAULT_PREDICTION.get(type(sde), "score")
-    _check_prediction(prediction)
-    if isinstance(sde, subVPSDE) and not continuous:
-        raise ValueError("subVPSDE has no discrete-time score parameterisation; use continuous=True")
-
-    def score_fn(x: Array, t: Array) -> Array:
-        check_time(x, t)
-        labels, alpha, sigma = network_inputs(sde, t, continuous)
-        out = apply_fn(params, x, labels, train=train, rng=rng)
-        return convert(out, prediction, "score", x, alpha, sigma)
-
-    return score_fn
+    precond = resolve_precond(sde, precond, prediction, continuous)
+    return Partial(NetworkScore(sde, apply_fn, precond, bool(train)), params, rng)

@@ -136,6 +136,13 @@ class SDE(abc.ABC):
         dt = self.T / self.N
         return drift * dt, diffusion * np.sqrt(dt)
 
+    def default_precond(self, continuous: bool = True):
+        """How networks trained on this schedule see (x, t) by default (`sdejax.precond`): plain ε with
+        labels 999 t/T. Schedules with an established convention override it."""
+        from sdejax.precond import Precond
+
+        return Precond.plain("eps", "time")
+
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (or probability-flow ODE) driven by `score_fn(x, t)`."""
         return ReverseSDE(self, score_fn, probability_flow)
@@ -205,6 +212,12 @@ class VESDE(SDE):
     @property
     def prior_std(self) -> float:
         return self.sigma_max
+
+    def default_precond(self, continuous: bool = True):
+        """score_sde's VE convention: score output, labels σ(t) or the SMLD index."""
+        from sdejax.precond import Precond
+
+        return Precond.score_sde_ve(continuous)
 
     def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
         """SMLD chain: f = 0, G = sqrt(σ_i² − σ_{i−1}²) with σ_{−1} = 0."""
@@ -288,6 +301,12 @@ class VPSDE(_DDPMChain, _LinearBeta):
         beta = self.beta(t)
         return -0.5 * beta, jnp.sqrt(beta)
 
+    def default_precond(self, continuous: bool = True):
+        """score_sde's VP convention: ε output, labels 999 t or the DDPM index t(N − 1)."""
+        from sdejax.precond import Precond
+
+        return Precond.score_sde_vp(continuous)
+
     def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
         m = self.log_mean_coeff(t)
         return jnp.exp(m), jnp.sqrt(-jnp.expm1(2.0 * m))
@@ -321,6 +340,12 @@ class subVPSDE(_LinearBeta):
     def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
         m = self.log_mean_coeff(t)
         return jnp.exp(m), -jnp.expm1(2.0 * m)
+
+    def default_precond(self, continuous: bool = True):
+        """score_sde's sub-VP convention (continuous only): ε output, labels 999 t."""
+        if not continuous:
+            raise ValueError("subVPSDE has no discrete-time score parameterisation; use continuous=True")
+        return super().default_precond(True)
 
     def t_from_log_snr(self, lam: Array) -> Array:
         """e^{λ/2} = u/(1 − u²) with u = α_t, so u = sqrt(1 + w²) − w, log u = −asinh(w), w = e^{−λ/2}/2."""
@@ -412,6 +437,12 @@ class EDMSDE(SDE):
 
     def t_from_log_snr(self, lam: Array) -> Array:
         return jnp.exp(-0.5 * lam)
+
+    def default_precond(self, continuous: bool = True):
+        """EDM's preconditioning with σ_data = 0.5."""
+        from sdejax.precond import Precond
+
+        return Precond.edm(0.5)
 
     @property
     def prior_std(self) -> float:

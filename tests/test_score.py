@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdejax.score import PREDICTIONS, convert, get_score_fn, network_inputs
+from sdejax.precond import Precond
+from sdejax.score import PREDICTIONS, convert, get_score_fn
 from sdejax.sde import VESDE, VPSDE, get_sde, subVPSDE
 
 MODEL_FIXTURES = ["model_ddpmpp_vp", "model_ddpm_vp", "model_ncsnv2_ve", "model_ncsnpp_ve_cifar",
@@ -92,10 +93,11 @@ def test_every_prediction_recovers_an_exact_score(prediction):
     np.testing.assert_allclose(score, -x, rtol=1e-5, atol=1e-6)
 
 
-def test_network_inputs_vp_discrete_uses_ddpm_table():
+def test_discrete_vp_labels_use_ddpm_table():
     sde = VPSDE(N=1000)
     t = jnp.array([0.25, 0.5])
-    labels, alpha, sigma = network_inputs(sde, t, continuous=False)
+    labels, alpha, sigma = sde.default_precond(continuous=False).inputs(sde, t)
+    assert sde.default_precond(False) == Precond.score_sde_vp(False)
     idx = (np.asarray(t) * 999).astype(int)
     np.testing.assert_allclose(sigma, np.sqrt(1 - sde.alphas_cumprod[idx]), rtol=1e-6)
     np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, rtol=1e-6)
