@@ -386,13 +386,16 @@ class CosineVPSDE(SDE):
         return -0.5 * beta, jnp.sqrt(beta)
 
     def marginal_coeffs(self, t: Array) -> tuple[Array, Array]:
-        abar = (jnp.cos(self._theta(t)) / np.cos(self._theta(0.0))) ** 2
-        return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+        """α = cos θ / cos θ₀; σ² = 1 − ᾱ = sin(θ − θ₀) sin(θ + θ₀) / cos² θ₀, free of cancellation near t = 0."""
+        theta, theta0 = self._theta(t), self._theta(0.0)
+        alpha = jnp.cos(theta) / np.cos(theta0)
+        return alpha, jnp.sqrt(jnp.sin(theta - theta0) * jnp.sin(theta + theta0)) / np.cos(theta0)
 
     def t_from_log_snr(self, lam: Array) -> Array:
-        """cos θ = sqrt(sigmoid(λ)) cos θ(0), θ = (t + s)/(1 + s)·π/2."""
-        cos_theta = jnp.sqrt(jax.nn.sigmoid(lam)) * np.cos(self._theta(0.0))
-        return jnp.arccos(cos_theta) * (2.0 / np.pi) * (1.0 + self.s) - self.s
+        """θ = atan2(sin θ, cos θ) with cos θ = α cos θ₀ and sin² θ = sin² θ₀ + σ² cos² θ₀ (α² = sigmoid(λ))."""
+        c0, s0 = np.cos(self._theta(0.0)), np.sin(self._theta(0.0))
+        theta = jnp.arctan2(jnp.sqrt(s0**2 + jax.nn.sigmoid(-lam) * c0**2), jnp.sqrt(jax.nn.sigmoid(lam)) * c0)
+        return theta * (2.0 / np.pi) * (1.0 + self.s) - self.s
 
     @property
     def prior_std(self) -> float:
