@@ -12,7 +12,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from sdejax.sde import smld_sigmas
 
 Array = jax.Array
 
@@ -36,12 +37,8 @@ def add_class_embedding(temb: Array, y: Optional[Array], num_classes: int, dtype
     return temb + emb
 
 
-def discrete_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.ndarray:
-    """SMLD noise levels, descending: σ_i = exp(linspace(log σ_max, log σ_min, N))_i (float64)."""
-    return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
-
-
 def sigmas_at(labels: Array, sigma_min: float, sigma_max: float, num_scales: int) -> Array:
-    """σ[int(labels)] with truncation, as the reference indexes its sigma table."""
-    table = jnp.asarray(discrete_sigmas(sigma_min, sigma_max, num_scales), dtype=jnp.float32)
+    """σ[int(labels)] of the descending SMLD table (`sdejax.sde.smld_sigmas`, its one home), with
+    truncation, as the reference indexes its sigma table."""
+    table = jnp.asarray(smld_sigmas(sigma_min, sigma_max, num_scales)[::-1], dtype=jnp.float32)
     return table[labels.astype(jnp.int32)]

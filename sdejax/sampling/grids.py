@@ -29,7 +29,7 @@ GridBuilder = Callable[..., np.ndarray]
 
 def _float64(fn: Callable[..., Any], *args: Any) -> np.ndarray:
     """`fn(*args)` of a jnp function evaluated in float64 (outside jit), as a writable numpy array."""
-    with jax.enable_x64(True):
+    with jax.ensure_compile_time_eval(), jax.enable_x64(True):  # concrete even inside an outer jit trace
         return np.array(fn(*(jnp.asarray(a, jnp.float64) for a in args)), np.float64)
 
 

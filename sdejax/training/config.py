@@ -24,8 +24,11 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # grad_accum_steps: microbatches per optimizer step; snapshot_num_samples: samples drawn at snapshots;
     # digits_monitor: log the digits classifier's Fréchet distance of those samples (DIGITS data);
     # unroll_steps: unroll the n_jitted_steps and microbatch loops (default: on CPU; sdejax.training.step).
+    # time_sampling/p_mean/p_std/eps: how the DSM loss draws t ("uniform" on [eps, T], "importance",
+    # or EDM's "lognormal" ln σ̃ ~ N(p_mean, p_std²)); sdejax.losses.get_sde_loss_fn.
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
-                 "snapshot_num_samples", "digits_monitor", "unroll_steps"},
+                 "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
+                 "eps"},
     # rtol/atol: probability-flow ODE tolerances for sampling.
     "sampling": {"rtol", "atol"},
     # after_training: run the eval/sampling report when training ends (the quick start);
@@ -54,8 +57,11 @@ REQUIRED_KEYS: dict[str, set[str]] = {
     "optim": {"optimizer", "lr", "beta1", "eps", "warmup", "grad_clip", "weight_decay"},
 }
 
+# precond/sigma_data/noise_labels: how the network sees (x, t) (sdejax.training.loop.get_precond).
+PRECOND_KEYS = {"precond", "sigma_data", "noise_labels"}
 MLP_MODEL_KEYS = {"name", "ema_rate", "prediction", "features", "depth", "embedding_type", "embedding_size",
-                  "fourier_scale", "nonlinearity", "sigma_min", "sigma_max", "num_scales", "beta_min", "beta_max"}
+                  "fourier_scale", "nonlinearity", "sigma_min", "sigma_max", "num_scales", "beta_min", "beta_max",
+                  *PRECOND_KEYS}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
 
 
