@@ -32,26 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdejax.sampling.ode import (
-    FIRST_STEP,
-    MAX_STEPS,
-    ODE_SOLVERS,
-    SolverLike,
-    batch_time,
-    count_evaluations,
-    flow_drift,
-    get_solver,
-    max_rms_norm,
+from sdejax.sampling.common import check_eps, per_example_sum
+from sdejax.sampling.diffrax_utils import (
+    ODE_SOLVERS, SolverLike, count_evaluations, flow_drift, get_solver, step_control,
 )
+from sdejax.sampling.loop import batch_time, check_x, score_pytree
 from sdejax.sde import SDE, ScoreFn
 
 Array = jax.Array
 DIVERGENCES = ("exact", "hutchinson_gaussian", "hutchinson_rademacher")
-
-
-def _feature_sum(v: Array) -> Array:
-    """Sum over all but the leading axis."""
-    return jnp.sum(jnp.reshape(v, (v.shape[0], -1)), axis=-1)
 
 
 def exact_divergence(fn, x: Array) -> tuple[Array, Array]:
@@ -64,14 +53,14 @@ def exact_divergence(fn, x: Array) -> tuple[Array, Array]:
     size = int(np.prod(x.shape[1:]))
     basis = jnp.reshape(jnp.eye(size, dtype=x.dtype), (size, 1) + x.shape[1:])
     columns = jax.vmap(jvp)(jnp.broadcast_to(basis, (size,) + x.shape))
-    return y, jnp.sum(jax.vmap(_feature_sum)(columns * basis), axis=0)
+    return y, jnp.sum(jax.vmap(per_example_sum)(columns * basis), axis=0)
 
 
 def hutchinson_divergence(fn, x: Array, probes: Array) -> tuple[Array, Array]:
     """(fn(x), mean over probes v of vᵀ (∂fn/∂x) v) with one forward pass and one VJP per probe."""
     y, pullback = jax.vjp(fn, x)
     (vjps,) = jax.vmap(pullback)(probes)
-    return y, jnp.mean(jax.vmap(_feature_sum)(vjps * probes), axis=0)
+    return y, jnp.mean(jax.vmap(per_example_sum)(vjps * probes), axis=0)
 
 
 def draw_probes(rng: Array, divergence: str, num_probes: int, shape: tuple[int, ...], dtype) -> Array:
@@ -98,20 +87,22 @@ def log_likelihood(
     `divergence`: "exact", "hutchinson_gaussian" or "hutchinson_rademacher" (`num_probes` probes
     averaged; `rng` draws them). `solver`: a diffrax solver or a name in `ODE_SOLVERS` (default
     Tsit5). NFE counts evaluations of the augmented vector field, each one score forward pass (plus a
-    VJP per probe, or D tangent passes for "exact").
+    VJP per probe, or D tangent passes for "exact"). `eps` must lie in [t_min, T).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid names: {list(DIVERGENCES)}")
     if not (isinstance(num_probes, int) and num_probes >= 1):
         raise ValueError(f"num_probes must be a positive int; got {num_probes!r}")
-    if jnp.ndim(x) < 2:
-        raise ValueError(f"x must have shape (batch, ...features); got {jnp.shape(x)}")
+    x = check_x("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (batch, ...features); got {x.shape}")
     solver = get_solver(solver, ODE_SOLVERS, "tsit5")
-    return _log_likelihood(rng, sde, score_fn, x, divergence, num_probes, rtol, atol, eps, solver)
+    return _log_likelihood(score_pytree(score_fn), rng, x, rtol, atol, check_eps(sde, eps),
+                           sde=sde, divergence=divergence, num_probes=num_probes, solver=solver)
 
 
-@jax.jit(static_argnames=("sde", "score_fn", "divergence", "num_probes", "solver"))
-def _log_likelihood(rng, sde, score_fn, x, divergence, num_probes, rtol, atol, eps, solver):
+@jax.jit(static_argnames=("sde", "divergence", "num_probes", "solver"))
+def _log_likelihood(score_fn, rng, x, rtol, atol, eps, *, sde, divergence, num_probes, solver):
     drift = flow_drift(sde, score_fn)
     if divergence != "exact":
         probes = draw_probes(rng, divergence, num_probes, x.shape, x.dtype)
@@ -123,16 +114,9 @@ def _log_likelihood(rng, sde, score_fn, x, divergence, num_probes, rtol, atol, e
             return exact_divergence(fn, y)
         return hutchinson_divergence(fn, y, probes)
 
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(augmented),
-        solver,
-        t0=eps,
-        t1=sde.T,
-        dt0=FIRST_STEP * (sde.T - eps),
-        y0=(x, jnp.zeros(x.shape[:1], x.dtype)),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, norm=max_rms_norm),
-        max_steps=MAX_STEPS,
-    )
+    t0, t1 = jnp.asarray(eps, x.dtype), jnp.asarray(sde.T, x.dtype)
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(augmented), solver, y0=(x, jnp.zeros(x.shape[:1], x.dtype)),
+                              **step_control(t0, t1, None, rtol, atol))
     z, integral = (leaf[-1] for leaf in sol.ys)
     return sde.prior_logp(z) + integral, z, count_evaluations(solver, sol.stats)
 

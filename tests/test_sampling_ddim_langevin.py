@@ -35,7 +35,7 @@ def uniform_init(rng):
 
 @pytest.mark.parametrize("kind", ["ve", "vp", "subvp"])
 def test_ddim_matches_gaussian(kind):
-    """η = 0 and η = 1, num_steps N = 100 vs 2N (one compile: num_steps and η are traced)."""
+    """η = 0 and η = 1, num_steps N = 100 vs 2N (a compile each: the grid length and η are static)."""
     sde = SDES[kind](100)
     score = counted_score(sde, 2)
     mean, cov = denoised_target(sde, 2)

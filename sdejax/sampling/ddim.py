@@ -1,4 +1,4 @@
-"""DDIM (Song, Meng & Ermon, 2021) for any linear SDE x_t = α_t x_0 + σ_t z, and the x̂_0 estimate.
+"""DDIM (Song, Meng & Ermon, 2021) for any linear SDE x_t = α_t x_0 + σ_t z, as a solver of the loop.
 
 Between grid times s < t, with x̂_0 the Tweedie estimate at (x_t, t) and ε̂ = (x_t − α_t x̂_0)/σ_t,
 
@@ -7,77 +7,69 @@ Between grid times s < t, with x̂_0 the Tweedie estimate at (x_t, t) and ε̂ =
 σ̃² is the variance of the Gaussian posterior q(x_s | x_t, x_0) of the SDE (whose transition x_s → x_t
 has mean α_t/α_s x_s and variance σ_t² − (α_t/α_s)² σ_s²), so η = 0 is the deterministic DDIM and
 η = 1 draws from q(x_s | x_t, x̂_0): DDPM ancestral sampling with the posterior variance β̃.
+With x̂_0 clipped, ε̂ is recomputed from the clipped x̂_0 (as above), or, with `clip_keeps_eps`, the
+model's own ε = −σ_t s(x_t, t) is kept in the direction term (diffusers' DDIM does the latter).
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
 
+from sdejax.sampling.common import Clip, check_clip, check_int, clip, clipped_x0, initial_x, time_grid
+from sdejax.sampling.loop import Callback, batch_time, sample_loop
 from sdejax.score import convert
-from sdejax.sde import SDE, batch_broadcast
+from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
-Clip = tuple[float, float] | None
 
 
-def score_pytree(score_fn: ScoreFn) -> Partial:
-    """`score_fn` as a pytree, so jitted samplers take it as an argument.
+def ddim_step(
+    sde: SDE, x: Array, x0: Array, t: Array, s: Array, eta: float | Array, z: Array, eps: Array | None = None
+) -> Array:
+    """One DDIM step from time t to s < t given x̂_0 (module docstring): returns x_s.
 
-    A `jax.tree_util.Partial(fn, params, ...)` is kept as is: its arguments (e.g. network parameters)
-    are traced, so new parameters reuse the compiled sampler. Any other callable is wrapped as
-    `Partial(score_fn)` and compiled once per function object.
+    `eps`: the ε̂ of the direction term (default: the one implied by x and x̂_0).
     """
-    return score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
-
-
-def check_clip(clip_x0: Clip) -> Clip:
-    """Validate `clip_x0 = (lo, hi)` and make it hashable (a jit-static argument)."""
-    if clip_x0 is None:
-        return None
-    lo, hi = (float(v) for v in clip_x0)
-    if not lo < hi:
-        raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi; got {clip_x0}")
-    return lo, hi
-
-
-def x0_estimate(sde: SDE, score_fn: ScoreFn, x: Array, t: Array, clip_x0: Clip = None) -> Array:
-    """Tweedie's estimate x̂_0 = E[x_0 | x_t] = (x_t + σ_t² ∇log p_t(x_t)) / α_t, optionally clipped."""
-    alpha, sigma = sde.marginal_coeffs(t)
-    x0 = convert(score_fn(x, t), "score", "x0", x, alpha, sigma)
-    return x0 if clip_x0 is None else jnp.clip(x0, *clip_x0)
-
-
-def ddim_step(sde: SDE, x: Array, x0: Array, t: Array, s: Array, eta: float | Array, z: Array) -> Array:
-    """One DDIM step from time t to s < t given x̂_0 (module docstring): returns x_s."""
     a_t, s_t = (batch_broadcast(v, x) for v in sde.marginal_coeffs(t))
     a_s, s_s = (batch_broadcast(v, x) for v in sde.marginal_coeffs(s))
     ratio = (a_t * s_s) / (a_s * s_t)
     c = eta * s_s * jnp.sqrt(jnp.maximum(1.0 - ratio**2, 0.0))
     k = jnp.sqrt(jnp.maximum(s_s**2 - c**2, 0.0))
+    if eps is not None:
+        return a_s * x0 + k * eps + c * z
     # α_s x̂0 + k (x − α_t x̂0)/σ_t, grouped so that no difference of near-equal terms is formed.
     return (k / s_t) * x + (a_s - k * a_t / s_t) * x0 + c * z
 
 
-@functools.partial(jax.jit, static_argnames=("sde", "shape", "clip_x0"))
-def _ddim(rng, score_fn, num_steps, eta, eps, *, sde, shape, clip_x0):
-    prior_rng, rng = jax.random.split(rng)
-    x = sde.prior_sampling(prior_rng, shape)
-    ones = jnp.ones(shape[:1], x.dtype)
-    dt = (eps - sde.T) / (num_steps - 1)
+@dataclasses.dataclass(frozen=True)
+class DDIM:
+    """The DDIM solver for `sample_loop`: one score evaluation per step; `final` is x̂_0 at t_{n−1}.
 
-    def body(i, x):
-        t, s = (sde.T + i * dt) * ones, (sde.T + (i + 1) * dt) * ones
-        x0 = x0_estimate(sde, score_fn, x, t, clip_x0)
-        z = jax.random.normal(jax.random.fold_in(rng, i), shape, x.dtype)
-        return ddim_step(sde, x, x0, t, s, eta, z)
+    NFE = (n − 1) + [denoise]. `clip_x0=(lo, hi)` clips every x̂_0 (and so the denoised output).
+    """
 
-    x = jax.lax.fori_loop(0, num_steps - 1, body, x)
-    return x0_estimate(sde, score_fn, x, eps * ones, clip_x0)
+    eta: float = 0.0
+    clip_x0: Clip = None
+    clip_keeps_eps: bool = False
+
+    def init(self, sde: SDE, score_fn: ScoreFn, x: Array, ts: Array) -> None:
+        return None
+
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state, x: Array, i: Array, ts: Array):
+        t, s = batch_time(ts[i], x), batch_time(ts[i + 1], x)
+        coeffs, score = sde.marginal_coeffs(t), score_fn(x, t)
+        x0 = clip(convert(score, "score", "x0", x, *coeffs), self.clip_x0)  # Tweedie, as `tweedie_x0`
+        eps = convert(score, "score", "eps", x, *coeffs) if self.clip_keeps_eps else None
+        z = jax.random.normal(rng, x.shape, x.dtype)
+        return ddim_step(sde, x, x0, t, s, self.eta, z, eps), state
+
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state, x: Array, ts: Array, denoise: bool) -> Array:
+        return clipped_x0(sde, score_fn, x, batch_time(ts[-1], x), self.clip_x0) if denoise else x
+
+    def nfe(self, n: int, denoise: bool) -> int:
+        return n - 1 + int(denoise)
 
 
 def ddim_sample(
@@ -85,26 +77,40 @@ def ddim_sample(
     sde: SDE,
     score_fn: ScoreFn,
     shape: tuple[int, ...],
-    num_steps: int,
+    num_steps: int | None = None,
     eta: float = 0.0,
-    eps: float = 1e-3,
+    eps: float | None = None,
     clip_x0: Clip = None,
-) -> tuple[Array, int]:
-    """DDIM sampling on the uniform grid t_i = linspace(T, eps, num_steps); returns `(samples, nfe)`.
+    *,
+    ts=None,
+    x_T: Array | None = None,
+    denoise: bool = True,
+    clip_keeps_eps: bool = False,
+    trajectory: bool = False,
+    callback: Callback | None = None,
+    dtype=None,
+):
+    """DDIM sampling on a grid (default t_i = linspace(T, eps, num_steps)); returns `(samples, nfe)`,
+    or `(samples, xs, nfe)` with `trajectory` (see `sample_loop`).
 
-    num_steps − 1 DDIM steps t_i → t_{i+1}, then the output is x̂_0 at t = eps (the Tweedie denoising,
-    as `pc_sample(denoise=True)`; it is also the last step of DDIM, whose final time has α = 1, σ = 0).
-    NFE = num_steps. `eta` ∈ [0, 1]: 0 deterministic, 1 DDPM with posterior variance. `clip_x0=(lo, hi)`
-    clips every x̂_0 (and so the output) to the data range.
+    n − 1 DDIM steps t_i → t_{i+1} on the n-point grid, then with `denoise` the output is x̂_0 at
+    t_{n−1} (the Tweedie denoising, as `pc_sample(denoise=True)`; it is also the last step of DDIM,
+    whose final time has α = 1, σ = 0); without, x at t_{n−1}. NFE = n − 1 + [denoise]. `eta` ∈ [0, 1]:
+    0 deterministic, 1 DDPM with posterior variance. `clip_x0=(lo, hi)` clips every x̂_0 (module
+    docstring for `clip_keeps_eps`). `ts`: any grid (then `num_steps`, if given, must be its length,
+    and `eps` is unused). `x_T`: the initial state (default: a prior draw with the first half of
+    `split(rng)`, in `dtype`, default float32). `eps` defaults to `sde.sampling_eps`.
     """
-    if int(num_steps) != num_steps or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2; got {num_steps}")
+    if num_steps is None and ts is None:
+        raise ValueError("ddim_sample needs num_steps (grid points of the default grid) or a grid ts")
+    if num_steps is not None:
+        num_steps = check_int("num_steps", num_steps, 2)
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1]; got {eta}")
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"eps must be in (0, T={sde.T}); got {eps}")
-    samples = _ddim(
-        rng, score_pytree(score_fn), int(num_steps), float(eta), float(eps),
-        sde=sde, shape=tuple(shape), clip_x0=check_clip(clip_x0),
-    )
-    return samples, int(num_steps)
+    grid = time_grid(sde, ts, num_steps, eps)
+    if num_steps is not None and grid.size != num_steps:
+        raise ValueError(f"num_steps = {num_steps} does not match the length {grid.size} of ts")
+    prior_rng, rng = jax.random.split(rng)
+    x = initial_x(sde, prior_rng, shape, x_T, dtype)
+    solver = DDIM(float(eta), check_clip(clip_x0), bool(clip_keeps_eps))
+    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback)

@@ -14,19 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdejax.sampling.ddim import score_pytree, x0_estimate
+from sdejax.sampling.common import initial_x
+from sdejax.sampling.loop import score_pytree
+from sdejax.score import tweedie_x0
 from sdejax.sde import SDE
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 
-def t_of_sigma(sde: SDE, sigmas, iters: int = 40) -> Array:
-    """Times t ∈ [0, T] with σ_t = sigmas, by bisection (σ_t from `marginal_coeffs`, increasing in t).
+def t_of_sigma(sde: SDE, sigmas, iters: int = 40, dtype=jnp.float32) -> Array:
+    """Times t ∈ [0, T] with σ_t = sigmas, by bisection in `dtype` (σ_t from `marginal_coeffs`, increasing in t).
 
     Raises ValueError for σ outside [σ_0, σ_T] or an SDE whose σ_t is not increasing.
     """
-    sigmas = jnp.asarray(sigmas, jnp.float32)
+    sigmas = jnp.asarray(sigmas, dtype)
     lo_sigma, hi_sigma = (float(sde.marginal_coeffs(jnp.array([v], jnp.float32))[1][0]) for v in (0.0, sde.T))
     if not hi_sigma > lo_sigma:
         raise ValueError(f"{type(sde).__name__}: sigma_t must increase from t=0 to T; got {lo_sigma} -> {hi_sigma}")
@@ -61,7 +63,7 @@ def _annealed(rng, score_fn, x, sigmas, ts, n_steps_each, step_lr, *, sde, denoi
         return x + 0.5 * alpha * score_fn(x, ts[i] * ones) + jnp.sqrt(alpha) * z
 
     x = jax.lax.fori_loop(0, sigmas.shape[0] * n_steps_each, body, x)
-    return x0_estimate(sde, score_fn, x, ts[-1] * ones) if denoise else x
+    return tweedie_x0(sde, score_fn, x, ts[-1] * ones) if denoise else x
 
 
 def annealed_langevin_sample(
@@ -74,11 +76,14 @@ def annealed_langevin_sample(
     denoise: bool = True,
     init: Array | None = None,
     sigmas=None,
+    *,
+    dtype=None,
 ) -> tuple[Array, int]:
     """Annealed Langevin dynamics (module docstring); returns `(samples, nfe)`, NFE = L·n_steps_each + denoise.
 
     `sigmas`: descending noise levels (default `default_sigmas(sde)`); `init`: initial samples of `shape`
-    (default: the prior). `denoise` ends with Tweedie's x + σ_L² s(x, t_L) (NCSNv2's final step).
+    (default: the prior, drawn in `dtype`, default float32; a given `init` keeps its own). `denoise` ends
+    with Tweedie's x + σ_L² s(x, t_L) (NCSNv2's final step). Runs in the dtype of the initial samples.
     """
     if int(n_steps_each) != n_steps_each or n_steps_each < 1:
         raise ValueError(f"n_steps_each must be an integer >= 1; got {n_steps_each}")
@@ -93,14 +98,11 @@ def annealed_langevin_sample(
     sigmas = default_sigmas(sde) if sigmas is None else np.asarray(sigmas, np.float64)
     if sigmas.ndim != 1 or sigmas.size < 1 or np.any(np.diff(sigmas) >= 0):
         raise ValueError(f"sigmas must be a non-empty 1-D descending array; got {sigmas}")
-    ts = t_of_sigma(sde, sigmas)
     init_rng, rng = jax.random.split(rng)
-    if init is None:
-        init = sde.prior_sampling(init_rng, tuple(shape))
-    elif tuple(jnp.shape(init)) != tuple(shape):
-        raise ValueError(f"init must have shape {tuple(shape)}; got {jnp.shape(init)}")
+    x = initial_x(sde, init_rng, shape, init, dtype, name="init")
+    ts = t_of_sigma(sde, sigmas, dtype=x.dtype)
     x = _annealed(
-        rng, score_pytree(score_fn), jnp.asarray(init, jnp.float32), jnp.asarray(sigmas, jnp.float32), ts,
+        rng, score_pytree(score_fn), x, jnp.asarray(sigmas, x.dtype), ts,
         int(n_steps_each), float(step_lr), sde=sde, denoise=bool(denoise),
     )
     return x, sigmas.size * int(n_steps_each) + int(denoise)

@@ -1,12 +1,19 @@
 """Predictor–corrector sampling (Song et al., 2021, Alg. 1–5), generic over linear SDEs.
 
-Time grid t_i = linspace(T, eps, N), N = sde.N (as the original). Starting from x ~ prior, for
-i = 0 … N−1: a corrector at t_i, then (for i < N−1) a predictor from t_i to t_{i+1}. With `denoise`,
-the output is Tweedie's x̂_0 = (x + σ² s(x, eps))/α at t = eps. Score evaluations:
+On a grid t_0 > … > t_{n−1} (default linspace(T, eps, N), N = sde.N, as the original), from x_T:
+for i = 0 … n−2, a corrector at t_i, then a predictor from t_i to t_{i+1}; then a corrector at
+t_{n−1} and, with `denoise`, Tweedie's x̂_0 = (x + σ² s(x, t_{n−1}))/α. Score evaluations:
 
-    NFE = (N − 1)·[predictor ≠ none] + N·n_steps·[corrector ≠ none] + [denoise].
+    NFE = (n − 1)·[predictor] + n·n_steps·[corrector] + [denoise].
 
-Predictors (one step t → s < t, z ~ N(0, I), reverse drift f̄ = f − g² s, halved for the ODE):
+`ending="score_sde"` reproduces the original's loop instead: the predictor also runs at t_{n−1},
+every predictor step targets s = t − T/n (so Euler–Maruyama uses dt = −T/n on the grid spaced
+(T − eps)/(n − 1)), and `denoise` returns the last predictor step's mean (no Tweedie step):
+NFE = n·[predictor] + n·n_steps·[corrector].
+
+Predictors: `predictor(rng, sde, score_fn, x, t, s) -> (x_s, mean)`, one step t → s (both
+`(batch,)`, s < t; s may lie below t_min with `ending="score_sde"`), z ~ N(0, I), reverse drift
+f̄ = f − g² s (halved for the probability-flow ODE):
 - `euler_maruyama`:     x_s = x + f̄(x, t)(s − t) + g(t) sqrt(t − s) z.
 - `reverse_diffusion`:  x ← x − F + G² s(x, t) + G z with (F, G) = sde.discretize(x, t), the reverse of
   the SDE's own discrete chain (SMLD for VE, DDPM for VP); it steps one level of that chain.
@@ -14,144 +21,224 @@ Predictors (one step t → s < t, z ~ N(0, I), reverse drift f̄ = f − g² s, 
   DDIM step with η = 1 (η = 0, the deterministic DDIM, when `probability_flow`). For VE this is the
   original's ancestral step; for VP it has the original's mean (x + β s)/sqrt(1 − β) but the posterior
   variance β̃ = β σ_s²/σ_t² in place of β.
-- `none`.
-Correctors (n_steps steps of x ← x + ε s(x, t) + sqrt(2ε) z):
-- `langevin`: ε = 2 a_t (snr ‖z‖/‖s(x, t)‖)², the norms taken per example (the original used batch
-  means, which made a sample depend on its batch-mates). A step that depends on the example's own
-  state and noise biases the chain by O(1/d): for Gaussian data in R^d its stationary covariance is
-  τ(Σ + 2I/tr Σ⁻¹), τ = (d+2)/d — negligible for images, infinite variance at d = 2. Use `ald` for
-  low-dimensional data.
-- `ald`: ε = 2 a_t (snr σ_t)² (annealed Langevin dynamics).
-- `none`.
+Correctors: `corrector(rng, sde, score_fn, x, t) -> (x, mean)`, one move at t, repeated n_steps
+times; here x ← x + ε s(x, t) + sqrt(2ε) z, ε = 2 a_t (snr·r)² (`Langevin`):
+- `langevin`: r = ‖z‖/‖s(x, t)‖. `langevin_norm="per_example"` (default) takes the norms per example;
+  "batch" takes r = mean_b ‖z_b‖ / mean_b ‖s_b‖ over the batch, as the original (which also pmeans
+  them over devices: under jit over a Mesh, jnp.mean over the sharded batch axis is a global
+  reduction, so the step is the same for any device count). "batch" makes a sample depend on its
+  batch-mates. The per-example step depends on the example's own state and noise, which biases the
+  chain by O(1/d): for Gaussian data in R^d its stationary covariance is τ(Σ + 2I/tr Σ⁻¹),
+  τ = (d+2)/d — negligible for images, infinite variance at d = 2. Use `ald` for low-dimensional data.
+- `ald`: r = σ_t (annealed Langevin dynamics).
 a_t = (α_t / α_{t−T/N})² generalises the original's α_i = 1 − β_i (VP) and 1 (VE): for the DDPM chain
 α_t²/α_{t−Δ}² = exp(−∫β) ≈ 1 − β_i, for VE it is 1, and it is defined for sub-VP too (the original crashed).
+Callables count one score evaluation per call unless they carry an `nfe` attribute; named ones are
+frozen dataclasses, equal by value, so equal options reuse the compiled sampler.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from sdejax.sampling.ddim import Clip, check_clip, ddim_step, score_pytree, x0_estimate
-from sdejax.sde import SDE, batch_broadcast
+from sdejax.sampling.common import Clip, check_clip, check_int, clipped_x0, initial_x, per_example_norm, time_grid
+from sdejax.sampling.ddim import ddim_step
+from sdejax.sampling.loop import Callback, batch_time, sample_loop
+from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
-ScoreFn = Callable[[Array, Array], Array]
+Predictor = Callable[[Array, SDE, ScoreFn, Array, Array, Array], tuple[Array, Array]]
+Corrector = Callable[[Array, SDE, ScoreFn, Array, Array], tuple[Array, Array]]
+ENDINGS = ("sdejax", "score_sde")
+LANGEVIN_NORMS = ("per_example", "batch")
 
-PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none")
-CORRECTORS = ("langevin", "ald", "none")
 
-
-def euler_maruyama_predictor(rng, sde: SDE, score_fn: ScoreFn, x, t, s, probability_flow=False) -> Array:
+@dataclasses.dataclass(frozen=True)
+class EulerMaruyama:
     """x_s = x + f̄(x, t)(s − t) + ḡ(t) sqrt(t − s) z for the reverse SDE (ḡ = 0 for the ODE)."""
-    drift, diffusion = sde.reverse(score_fn, probability_flow).sde(x, t)
-    dt = s - t
-    z = jax.random.normal(rng, x.shape, x.dtype)
-    return x + batch_broadcast(dt, x) * drift + batch_broadcast(diffusion * jnp.sqrt(-dt), x) * z
+
+    probability_flow: bool = False
+
+    def __call__(self, rng, sde: SDE, score_fn: ScoreFn, x, t, s) -> tuple[Array, Array]:
+        drift, diffusion = sde.reverse(score_fn, self.probability_flow).sde(x, t)
+        dt = s - t
+        z = jax.random.normal(rng, x.shape, x.dtype)
+        mean = x + batch_broadcast(dt, x) * drift
+        return mean + batch_broadcast(diffusion * jnp.sqrt(-dt), x) * z, mean
 
 
-def reverse_diffusion_predictor(rng, sde: SDE, score_fn: ScoreFn, x, t, s, probability_flow=False) -> Array:
+@dataclasses.dataclass(frozen=True)
+class ReverseDiffusion:
     """x ← x − F̄ + Ḡ z with (F̄, Ḡ) the reverse discretisation (F̄ = F − G² s, Ḡ = G; ODE: F − G² s/2, 0)."""
-    del s  # the step is one level of the SDE's own discrete chain
-    f, g = sde.reverse(score_fn, probability_flow).discretize(x, t)
-    z = jax.random.normal(rng, x.shape, x.dtype)
-    return x - f + batch_broadcast(g, x) * z
+
+    probability_flow: bool = False
+
+    def __call__(self, rng, sde: SDE, score_fn: ScoreFn, x, t, s) -> tuple[Array, Array]:
+        del s  # the step is one level of the SDE's own discrete chain
+        f, g = sde.reverse(score_fn, self.probability_flow).discretize(x, t)
+        z = jax.random.normal(rng, x.shape, x.dtype)
+        mean = x - f
+        return mean + batch_broadcast(g, x) * z, mean
 
 
-def ancestral_sampling_predictor(
-    rng, sde: SDE, score_fn: ScoreFn, x, t, s, probability_flow=False, clip_x0: Clip = None
-) -> Array:
+@dataclasses.dataclass(frozen=True)
+class AncestralSampling:
     """x_s ~ q(x_s | x_t, x̂_0): the DDIM step with η = 1 (η = 0 for the probability-flow variant)."""
-    x0 = x0_estimate(sde, score_fn, x, t, clip_x0)
-    z = jax.random.normal(rng, x.shape, x.dtype)
-    return ddim_step(sde, x, x0, t, s, 0.0 if probability_flow else 1.0, z)
+
+    probability_flow: bool = False
+    clip_x0: Clip = None
+
+    def __call__(self, rng, sde: SDE, score_fn: ScoreFn, x, t, s) -> tuple[Array, Array]:
+        s = jnp.maximum(s, sde.t_min)  # the score_sde ending's last target t − T/n may lie below t_min
+        x0 = clipped_x0(sde, score_fn, x, t, self.clip_x0)
+        z = jax.random.normal(rng, x.shape, x.dtype)
+        eta = 0.0 if self.probability_flow else 1.0
+        return ddim_step(sde, x, x0, t, s, eta, z), ddim_step(sde, x, x0, t, s, eta, jnp.zeros_like(z))
 
 
 def langevin_step_scale(sde: SDE, t: Array) -> Array:
-    """a_t = (α_t / α_{max(t − T/N, 0)})²: the generic form of the original's α_i (1 − β_i, or 1 for VE)."""
+    """a_t = (α_t / α_{max(t − T/N, t_min)})²: the generic form of the original's α_i (1 − β_i, or 1 for VE)."""
     alpha, _ = sde.marginal_coeffs(t)
-    prev, _ = sde.marginal_coeffs(jnp.maximum(t - sde.T / sde.N, 0.0))
+    prev, _ = sde.marginal_coeffs(jnp.maximum(t - sde.T / sde.N, sde.t_min))
     return (alpha / prev) ** 2
 
 
-def _per_example_norm(v: Array) -> Array:
-    return jnp.sqrt(jnp.sum(jnp.reshape(v, (v.shape[0], -1)) ** 2, axis=-1))
+_RATIOS = {  # r in ε = 2 a_t (snr·r)², from (sde, t, noise z, score)
+    "per_example": lambda sde, t, z, score: per_example_norm(z) / per_example_norm(score),
+    "batch": lambda sde, t, z, score: jnp.mean(per_example_norm(z)) / jnp.mean(per_example_norm(score)),
+    "sigma": lambda sde, t, z, score: sde.marginal_coeffs(t)[1],
+}
 
 
-def langevin_corrector(
-    rng, sde: SDE, score_fn: ScoreFn, x, t, snr: float | Array, n_steps: int, annealed: bool = False
-) -> Array:
-    """n_steps of x ← x + ε s(x, t) + sqrt(2ε) z, ε = 2 a_t (snr·r)² with r = ‖z‖/‖s‖ per example
-    (Langevin, Alg. 4) or r = σ_t (annealed Langevin dynamics, Alg. 5 of Song et al.)."""
-    scale = langevin_step_scale(sde, t)
-    _, sigma = sde.marginal_coeffs(t)
+@dataclasses.dataclass(frozen=True)
+class Langevin:
+    """One move x ← x + ε s(x, t) + sqrt(2ε) z, ε = 2 a_t (snr·r)²; `norm` picks r: "per_example"
+    ‖z‖/‖s‖, "batch" mean‖z‖/mean‖s‖ over the batch (score_sde), "sigma" σ_t (ALD, Alg. 5)."""
 
-    def body(i, x):
+    snr: float = 0.16
+    norm: str = "per_example"
+
+    def __post_init__(self):
+        if self.norm not in _RATIOS:
+            raise ValueError(f"unknown Langevin norm {self.norm!r}; valid: {list(_RATIOS)}")
+
+    def __call__(self, rng, sde: SDE, score_fn: ScoreFn, x, t) -> tuple[Array, Array]:
         score = score_fn(x, t)
-        z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-        r = sigma if annealed else _per_example_norm(z) / _per_example_norm(score)
-        step = batch_broadcast(2.0 * scale * (snr * r) ** 2, x)
-        return x + step * score + jnp.sqrt(2.0 * step) * z
+        z = jax.random.normal(rng, x.shape, x.dtype)
+        r = _RATIOS[self.norm](sde, t, z, score)
+        step = batch_broadcast(2.0 * langevin_step_scale(sde, t) * (self.snr * r) ** 2, x)
+        mean = x + step * score
+        return mean + jnp.sqrt(2.0 * step) * z, mean
 
-    return jax.lax.fori_loop(0, n_steps, body, x)
+
+def _evaluations(fn) -> int:
+    return 0 if fn is None else getattr(fn, "nfe", 1)
 
 
-def _predictor(name, sde, score_fn, probability_flow, clip_x0):
-    """The predictor `(rng, x, t, s) -> x_s` called `name`, or None for "none"."""
-    fns = {
-        "euler_maruyama": euler_maruyama_predictor,
-        "reverse_diffusion": reverse_diffusion_predictor,
-        "ancestral_sampling": functools.partial(ancestral_sampling_predictor, clip_x0=clip_x0),
-    }
-    if name == "none":
+@dataclasses.dataclass(frozen=True)
+class PC:
+    """The predictor–corrector solver for `sample_loop` (module docstring); None skips a part."""
+
+    predictor: Predictor | None = ReverseDiffusion()
+    corrector: Corrector | None = Langevin()
+    n_steps: int = 1
+    clip_x0: Clip = None
+    ending: str = "sdejax"
+
+    def __post_init__(self):
+        if self.predictor is None and self.corrector is None:
+            raise ValueError("predictor and corrector cannot both be 'none'")
+        if self.ending not in ENDINGS:
+            raise ValueError(f"unknown ending {self.ending!r}; valid: {list(ENDINGS)}")
+        check_int("n_steps", self.n_steps, 1)
+
+    def _correct(self, rng, sde, score_fn, x, t):
+        if self.corrector is None:
+            return x
+        move = lambda j, x: self.corrector(jax.random.fold_in(rng, j), sde, score_fn, x, t)[0]
+        return jax.lax.fori_loop(0, self.n_steps, move, x)
+
+    def _predict(self, rng, sde, score_fn, x, t, i, ts):
+        """(x_s, mean) of the predictor from t = ts[i]: to ts[i + 1], or to t − T/n for score_sde."""
+        s = t - sde.T / ts.shape[0] if self.ending == "score_sde" else batch_time(ts[i + 1], x)
+        return self.predictor(rng, sde, score_fn, x, t, s)
+
+    def init(self, sde: SDE, score_fn: ScoreFn, x: Array, ts: Array) -> None:
         return None
-    fn = fns[name]
-    return lambda rng, x, t, s: fn(rng, sde, score_fn, x, t, s, probability_flow=probability_flow)
+
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state, x: Array, i: Array, ts: Array):
+        c_rng, p_rng = jax.random.split(rng)
+        t = batch_time(ts[i], x)
+        x = self._correct(c_rng, sde, score_fn, x, t)
+        return (x if self.predictor is None else self._predict(p_rng, sde, score_fn, x, t, i, ts)[0]), state
+
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state, x: Array, ts: Array, denoise: bool) -> Array:
+        c_rng, p_rng = jax.random.split(rng)
+        t = batch_time(ts[-1], x)
+        x = self._correct(c_rng, sde, score_fn, x, t)
+        if self.ending == "sdejax":
+            return clipped_x0(sde, score_fn, x, t, self.clip_x0) if denoise else x
+        if self.predictor is None:
+            return x
+        x, mean = self._predict(p_rng, sde, score_fn, x, t, ts.shape[0] - 1, ts)
+        return mean if denoise else x
+
+    def nfe(self, n: int, denoise: bool) -> int:
+        corrector = n * self.n_steps * _evaluations(self.corrector)
+        if self.ending == "score_sde":
+            return n * _evaluations(self.predictor) + corrector
+        return (n - 1) * _evaluations(self.predictor) + corrector + int(denoise)
 
 
-def _corrector(name, sde, score_fn, snr, n_steps):
-    """The corrector `(rng, x, t) -> x` called `name`, or None for "none"."""
-    if name == "none":
-        return None
-    return lambda rng, x, t: langevin_corrector(rng, sde, score_fn, x, t, snr, n_steps, annealed=name == "ald")
+_PREDICTORS = {
+    "euler_maruyama": lambda probability_flow, clip_x0: EulerMaruyama(probability_flow),
+    "reverse_diffusion": lambda probability_flow, clip_x0: ReverseDiffusion(probability_flow),
+    "ancestral_sampling": AncestralSampling,
+    "none": lambda probability_flow, clip_x0: None,
+}
+_CORRECTORS = {
+    "langevin": Langevin,
+    "ald": lambda snr, norm: Langevin(snr, "sigma"),
+    "none": lambda snr, norm: None,
+}
+PREDICTORS, CORRECTORS = tuple(_PREDICTORS), tuple(_CORRECTORS)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sde", "shape", "predictor", "corrector", "n_steps", "probability_flow", "denoise", "clip_x0"),
-)
-def _pc(rng, score_fn, snr, eps, *, sde, shape, predictor, corrector, n_steps, probability_flow, denoise, clip_x0):
-    predict = _predictor(predictor, sde, score_fn, probability_flow, clip_x0)
-    correct = _corrector(corrector, sde, score_fn, snr, n_steps)
-    prior_rng, rng = jax.random.split(rng)
-    x = sde.prior_sampling(prior_rng, shape)
-    ts = jnp.linspace(sde.T, eps, sde.N)
-    ones = jnp.ones(shape[:1], x.dtype)
-
-    def body(i, x):
-        c_rng, p_rng = jax.random.split(jax.random.fold_in(rng, i))
-        t = ts[i] * ones
-        if correct is not None:
-            x = correct(c_rng, x, t)
-        if predict is not None:
-            s = ts[jnp.minimum(i + 1, sde.N - 1)] * ones
-            x = jax.lax.cond(i < sde.N - 1, lambda x: predict(p_rng, x, t, s), lambda x: x, x)
-        return x
-
-    x = jax.lax.fori_loop(0, sde.N, body, x)
-    return x0_estimate(sde, score_fn, x, ts[-1] * ones, clip_x0) if denoise else x
+def _named(kind: str, value, table: dict, *options):
+    """A callable as is, else the named predictor/corrector of `table` built with `options`."""
+    if callable(value):
+        return value
+    if value not in table:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {list(table)} (or a callable)")
+    return table[value](*options)
 
 
-def _check_name(kind: str, name: str, valid: tuple[str, ...]) -> None:
-    if name not in valid:
-        raise ValueError(f"unknown {kind} {name!r}; valid: {list(valid)}")
+def make_pc(
+    predictor: str | Predictor = "reverse_diffusion",
+    corrector: str | Corrector = "langevin",
+    snr: float = 0.16,
+    n_steps: int = 1,
+    probability_flow: bool = False,
+    clip_x0: Clip = None,
+    langevin_norm: str = "per_example",
+    ending: str = "sdejax",
+) -> PC:
+    """The `PC` solver of `pc_sample`'s options (names or callables)."""
+    if langevin_norm not in LANGEVIN_NORMS:
+        raise ValueError(f"unknown langevin_norm {langevin_norm!r}; valid: {list(LANGEVIN_NORMS)}")
+    clip_x0 = check_clip(clip_x0)
+    return PC(_named("predictor", predictor, _PREDICTORS, bool(probability_flow), clip_x0),
+              _named("corrector", corrector, _CORRECTORS, float(snr), langevin_norm),
+              check_int("n_steps", n_steps, 1), clip_x0, ending)
 
 
-def pc_nfe(n: int, predictor: str, corrector: str, n_steps: int = 1, denoise: bool = True) -> int:
-    """Score evaluations of `pc_sample` on an N-point grid (module docstring)."""
-    return (n - 1) * (predictor != "none") + n * n_steps * (corrector != "none") + int(denoise)
+def pc_nfe(n: int, predictor="reverse_diffusion", corrector="langevin", n_steps: int = 1, denoise: bool = True,
+           ending: str = "sdejax") -> int:
+    """Score evaluations of `pc_sample` on an n-point grid (module docstring)."""
+    return make_pc(predictor, corrector, n_steps=n_steps, ending=ending).nfe(n, bool(denoise))
 
 
 def pc_sample(
@@ -159,33 +246,38 @@ def pc_sample(
     sde: SDE,
     score_fn: ScoreFn,
     shape: tuple[int, ...],
-    predictor: str = "reverse_diffusion",
-    corrector: str = "langevin",
+    predictor: str | Predictor = "reverse_diffusion",
+    corrector: str | Corrector = "langevin",
     snr: float = 0.16,
     n_steps: int = 1,
     probability_flow: bool = False,
     denoise: bool = True,
-    eps: float = 1e-3,
+    eps: float | None = None,
     clip_x0: Clip = None,
-) -> tuple[Array, int]:
-    """Predictor–corrector sampling (module docstring); returns `(samples, nfe)`.
+    *,
+    ts=None,
+    x_T: Array | None = None,
+    trajectory: bool = False,
+    callback: Callback | None = None,
+    langevin_norm: str = "per_example",
+    ending: str = "sdejax",
+    dtype=None,
+):
+    """Predictor–corrector sampling (module docstring); returns `(samples, nfe)`, or
+    `(samples, xs, nfe)` with `trajectory` (xs[k]: the state after step k, at t_{k+1} before its
+    corrector; see `sample_loop`, also for `callback`).
 
-    `clip_x0=(lo, hi)` clips the x̂_0 estimates (ancestral steps and the final denoising) to the data
-    range. `score_fn` may be a `jax.tree_util.Partial` whose arguments are traced (see `score_pytree`).
+    `predictor`/`corrector`: names in PREDICTORS/CORRECTORS or callables (module docstring).
+    `ts`: any grid of ≥ 2 times (default `grids.uniform(sde, sde.N, eps)`; `eps` defaults to
+    `sde.sampling_eps`). `x_T`: the initial state (default: a prior draw with the first half of
+    `split(rng)`, in `dtype`, default float32). `clip_x0=(lo, hi)` clips the x̂_0 estimates (ancestral
+    steps and the final denoising) to the data range. `score_fn` may be a `jax.tree_util.Partial`
+    whose arguments are traced (see `score_pytree`).
     """
-    _check_name("predictor", predictor, PREDICTORS)
-    _check_name("corrector", corrector, CORRECTORS)
-    if predictor == "none" and corrector == "none":
-        raise ValueError("predictor and corrector cannot both be 'none'")
-    if sde.N < 2:
-        raise ValueError(f"pc_sample needs sde.N >= 2 grid points; got N={sde.N}")
-    if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
-    if not 0.0 < eps < sde.T:
-        raise ValueError(f"eps must be in (0, T={sde.T}); got {eps}")
-    samples = _pc(
-        rng, score_pytree(score_fn), float(snr), float(eps),
-        sde=sde, shape=tuple(shape), predictor=predictor, corrector=corrector, n_steps=int(n_steps),
-        probability_flow=bool(probability_flow), denoise=bool(denoise), clip_x0=check_clip(clip_x0),
-    )
-    return samples, pc_nfe(sde.N, predictor, corrector, n_steps, denoise)
+    solver = make_pc(predictor, corrector, snr, n_steps, probability_flow, clip_x0, langevin_norm, ending)
+    grid = time_grid(sde, ts, sde.N, eps)
+    if grid.size < 2:
+        raise ValueError(f"pc_sample needs a grid of >= 2 times (sde.N or len(ts)); got {grid.size}")
+    prior_rng, rng = jax.random.split(rng)
+    x = initial_x(sde, prior_rng, shape, x_T, dtype)
+    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback)

@@ -9,12 +9,12 @@ t0 > t1, diffrax issue #598):
 The noise is additive (g depends on t only), so Itô and Stratonovich solvers agree and the
 additive-noise solvers of diffrax apply. `num_steps=None` is adaptive: SPaRK (three drift
 evaluations per step, embedded error estimate, built for adaptive SDE solves) on a
-`VirtualBrownianTree` with a PID controller; measured at rtol = atol = 1e-3 on 2-D Gaussian data it
+`VirtualBrownianTree` with a PID controller (diffrax's RMS norm, see below); measured at rtol = atol = 1e-3 on 2-D Gaussian data it
 needed 1170 evaluations on VE against 1606 for ShARK and 2080 for Heun, and about as many on VP
 (669, 652, 718).
 An int is fixed-step: Euler–Maruyama by default, on an `UnsafeBrownianPath` (which draws each
 increment directly; it needs `adjoint=diffrax.ForwardMode()`). NFE counting as in
-`sdejax.sampling.ode`.
+`sdejax.sampling.diffrax_utils`. `score_fn` enters the compiled solve as a pytree.
 
 Unlike the ODE samplers, the adaptive error norm is diffrax's RMS over the whole batch: a
 stochastic local-error estimate is a random variable, and its maximum over a batch of B examples
@@ -33,15 +33,11 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import lineax
+import optimistix
 
-from sdejax.sampling.ode import (
-    FIRST_STEP,
-    MAX_STEPS,
-    SolverLike,
-    batch_time,
-    count_evaluations,
-    get_solver,
-)
+from sdejax.sampling.common import check_eps, initial_x
+from sdejax.sampling.diffrax_utils import SolverLike, count_evaluations, get_solver, step_control
+from sdejax.sampling.loop import batch_time, score_pytree
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
@@ -72,26 +68,32 @@ def sde_sample(
     num_steps: int | None = None,
     rtol: float = 1e-3,
     atol: float = 1e-3,
-    eps: float = 1e-3,
+    eps: float | None = None,
+    *,
+    x_T: Array | None = None,
+    dtype=None,
 ) -> tuple[Array, Array]:
-    """Samples x_eps by integrating the reverse-time SDE from x_T ~ prior; returns (samples, nfe).
+    """Samples x_eps by integrating the reverse-time SDE from x_T ~ prior (or the caller's `x_T`);
+    returns (samples, nfe).
 
     `num_steps=None`: adaptive steps with tolerances `rtol`/`atol` (default solver "spark");
-    an int: that many equal steps (default solver "euler", i.e. Euler–Maruyama). The samples are
-    at t = eps, not denoised (apply `sdejax.sampling.ode.tweedie_denoise` for E[x_0 | x_eps]).
+    an int: that many equal steps (default solver "euler", i.e. Euler–Maruyama). `eps` defaults to
+    `sde.sampling_eps`. The samples are at t = eps, not denoised (`sdejax.score.tweedie_x0` gives
+    E[x_0 | x_eps]). The prior is drawn in `dtype` (default float32; a given `x_T` keeps its own).
     """
     if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be None (adaptive) or a positive int; got {num_steps!r}")
+    eps = check_eps(sde, eps)
     solver = get_solver(solver, SDE_SOLVERS, "euler" if num_steps else "spark")
-    return _sample(rng, sde, score_fn, tuple(shape), solver, num_steps, rtol, atol, eps)
-
-
-@jax.jit(static_argnames=("sde", "score_fn", "shape", "solver", "num_steps"))
-def _sample(rng, sde, score_fn, shape, solver, num_steps, rtol, atol, eps):
     prior_rng, path_rng = jax.random.split(rng)
-    x = sde.prior_sampling(prior_rng, shape)
+    x = initial_x(sde, prior_rng, shape, x_T, dtype)
+    return _sample(score_pytree(score_fn), path_rng, x, eps, rtol, atol, sde=sde, solver=solver, num_steps=num_steps)
+
+
+@jax.jit(static_argnames=("sde", "solver", "num_steps"))
+def _sample(score_fn, path_rng, x, eps, rtol, atol, *, sde, solver, num_steps):
     reverse = sde.reverse(score_fn)
-    t_end = sde.T - eps
+    t_end = jnp.asarray(sde.T - eps, x.dtype)
 
     def drift(s, y, args):
         return -reverse.sde(y, batch_time(sde.T - s, y))[0]
@@ -102,20 +104,12 @@ def _sample(rng, sde, score_fn, shape, solver, num_steps, rtol, atol, eps):
 
     levy_area = _levy_area(solver)
     if num_steps is None:
-        path = diffrax.VirtualBrownianTree(0.0, t_end, BROWNIAN_TOL * t_end, shape, path_rng, levy_area)
-        kwargs = dict(
-            dt0=FIRST_STEP * t_end,
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-            max_steps=MAX_STEPS,
-        )
+        path = diffrax.VirtualBrownianTree(0.0, t_end, BROWNIAN_TOL * t_end, x.shape, path_rng, levy_area)
+        kwargs = step_control(jnp.zeros((), x.dtype), t_end, None, rtol, atol, optimistix.rms_norm)
     else:
-        path = diffrax.UnsafeBrownianPath(shape, path_rng, levy_area)
-        kwargs = dict(
-            dt0=None,
-            stepsize_controller=diffrax.StepTo(jnp.linspace(0.0, t_end, num_steps + 1)),
-            max_steps=num_steps,
-            adjoint=diffrax.ForwardMode(),
-        )
+        path = diffrax.UnsafeBrownianPath(x.shape, path_rng, levy_area)
+        kwargs = dict(step_control(None, None, jnp.linspace(0.0, t_end, num_steps + 1), None, None),
+                      adjoint=diffrax.ForwardMode())
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, path))
-    sol = diffrax.diffeqsolve(terms, solver, t0=0.0, t1=t_end, y0=x, **kwargs)
+    sol = diffrax.diffeqsolve(terms, solver, y0=x, **kwargs)
     return sol.ys[-1], count_evaluations(solver, sol.stats)

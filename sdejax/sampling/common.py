@@ -1,0 +1,84 @@
+"""Checks and small pieces shared by the samplers and the likelihood.
+
+The one home of: the `eps` range check (t_min ≤ eps < T), the default time grid, the initial state
+(a caller's `x_T` or a prior draw, in the dtype the sampler runs in), the x̂₀ clip, and the
+per-example reductions Σ_features and ‖·‖ over all but the leading (batch) axis.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdejax.sampling import grids
+from sdejax.sampling.loop import check_x
+from sdejax.score import tweedie_x0
+from sdejax.sde import SDE, ScoreFn
+
+Array = jax.Array
+Clip = tuple[float, float] | None
+
+
+def per_example_sum(v: Array) -> Array:
+    """Σ over all but the leading axis: shape `(batch,)`."""
+    return jnp.sum(jnp.reshape(v, (v.shape[0], -1)), axis=-1)
+
+
+def per_example_norm(v: Array) -> Array:
+    """‖v_b‖₂ over all but the leading axis: shape `(batch,)`."""
+    return jnp.sqrt(per_example_sum(v**2))
+
+
+def check_eps(sde: SDE, eps: float | None) -> float:
+    """`eps` (default `sde.sampling_eps`) as a float, else a ValueError unless t_min ≤ eps < T."""
+    eps = float(sde.sampling_eps if eps is None else eps)
+    if not sde.t_min <= eps < sde.T:
+        raise ValueError(f"eps must lie in [t_min, T) = [{sde.t_min}, {sde.T}) of {type(sde).__name__}; got {eps}")
+    return eps
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int ≥ `minimum`, else a ValueError naming it."""
+    if isinstance(value, bool) or int(value) != value or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def time_grid(sde: SDE, ts: Any, n: int, eps: float | None) -> np.ndarray:
+    """The validated grid `ts`, or (ts None) today's default t_i = linspace(T, eps, n) (`grids.uniform`)."""
+    if ts is None:
+        return grids.uniform(sde, n, check_eps(sde, eps))
+    return grids.validate(sde, ts)
+
+
+def initial_x(sde: SDE, rng: Array, shape: tuple[int, ...], x_T: Array | None, dtype: Any, name: str = "x_T") -> Array:
+    """The caller's `x_T` (checked against `shape`; `name` in errors), or x_T ~ prior drawn with `rng`, in `dtype`.
+
+    `dtype=None` keeps the dtype of `x_T`, and draws the prior in float32 when there is no `x_T`.
+    """
+    if x_T is None:
+        return sde.prior_sampling(rng, tuple(shape), jnp.float32 if dtype is None else dtype)
+    x_T = check_x(name, x_T, tuple(shape))
+    return x_T if dtype is None else x_T.astype(dtype)
+
+
+def check_clip(clip_x0: Clip) -> Clip:
+    """Validate `clip_x0 = (lo, hi)` and make it hashable (a jit-static field)."""
+    if clip_x0 is None:
+        return None
+    lo, hi = (float(v) for v in clip_x0)
+    if not lo < hi:
+        raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi; got {clip_x0}")
+    return lo, hi
+
+
+def clip(x0: Array, clip_x0: Clip) -> Array:
+    """x̂₀ clipped to `clip_x0 = (lo, hi)`, or unchanged for None."""
+    return x0 if clip_x0 is None else jnp.clip(x0, *clip_x0)
+
+
+def clipped_x0(sde: SDE, score_fn: ScoreFn, x: Array, t: Array, clip_x0: Clip) -> Array:
+    """Tweedie's x̂₀ (`sdejax.score.tweedie_x0`), clipped to `clip_x0 = (lo, hi)` where given."""
+    return clip(tweedie_x0(sde, score_fn, x, t), clip_x0)
