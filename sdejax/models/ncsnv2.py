@@ -4,11 +4,18 @@
     NCSNv2:  output / σ[labels]  (unconditional network, noise level enters only through the scaling)
     NCSN v1: InstanceNorm++ conditioned on the noise index `labels`; no output scaling.
 
-Follows the PyTorch twin: unbiased channel variance in InstanceNorm++, bilinear
-align_corners=True fusion. Labels are integer indices into the descending σ table.
+NCSNv2 comes in the two flavours of the original code, which differ in three places:
+
+    flavor     InstanceNorm++ var over channels   MSF upsampling            64px: 3rd RefineBlock width
+    "pytorch"  unbiased (score_sde_pytorch)       bilinear, align_corners   nf
+    "flax"     biased (score_sde, JAX/Flax)       bilinear, half-pixel      2·nf
+
+"flax" is what score_sde's Flax checkpoints need (`sdejax.models.convert_flax`). NCSN v1 follows
+the PyTorch code. Labels are integer indices into the descending σ table.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -35,8 +42,20 @@ ARCHS: dict[int, tuple[tuple[tuple[str, int, Optional[str], int], ...], tuple[st
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Flavor:
+    """Where the PyTorch and Flax originals of NCSNv2 differ (see the module docstring)."""
+    channel_ddof: int
+    align_corners: bool
+    wide_third_refine_64: bool
+
+
+FLAVORS = {"pytorch": Flavor(channel_ddof=1, align_corners=True, wide_third_refine_64=False),
+           "flax": Flavor(channel_ddof=0, align_corners=False, wide_third_refine_64=True)}
+
+
 def _refinenet(x: Array, labels: Array, *, nf: int, variant: int, image_size: int, centered: bool,
-               nonlinearity: str, noise_classes: int, dtype: Any) -> Array:
+               nonlinearity: str, noise_classes: int, dtype: Any, flavor: Flavor = FLAVORS["pytorch"]) -> Array:
     """The shared RefineNet body (call inside a compact method; submodules join the caller).
 
     `noise_classes > 0` conditions every InstanceNorm++ on the noise index (NCSN v1).
@@ -49,8 +68,10 @@ def _refinenet(x: Array, labels: Array, *, nf: int, variant: int, image_size: in
     feats = []
     for s, (name, mult, resample, dilation) in enumerate(stages):
         adjust = s == len(stages) - 1 and variant == 64 and image_size == 28
-        h = ResidualBlock(mult * nf, act, resample, dilation, adjust, noise_classes, dtype, name=f"{name}_0")(h, labels)
-        h = ResidualBlock(mult * nf, act, None, dilation, False, noise_classes, dtype, name=f"{name}_1")(h, labels)
+        h = ResidualBlock(mult * nf, act, resample, dilation, adjust, noise_classes, dtype, flavor.channel_ddof,
+                          name=f"{name}_0")(h, labels)
+        h = ResidualBlock(mult * nf, act, None, dilation, False, noise_classes, dtype, flavor.channel_ddof,
+                          name=f"{name}_1")(h, labels)
         feats.append(h)
 
     out_chs = [mult * nf for _, mult, _, _ in stages]
@@ -59,10 +80,13 @@ def _refinenet(x: Array, labels: Array, *, nf: int, variant: int, image_size: in
         s = len(stages) - 1 - k
         inputs = [feats[s]] if ref is None else [feats[s], ref]
         features = out_chs[s - 1] if s > 0 else nf
+        if flavor.wide_third_refine_64 and variant == 64 and s == 1:
+            features = out_chs[s]
         ref = RefineBlock(features, act, start=ref is None, end=s == 0, num_classes=noise_classes, dtype=dtype,
-                          name=name)(inputs, feats[s].shape[1:3], labels)
+                          align_corners=flavor.align_corners, name=name)(inputs, feats[s].shape[1:3], labels)
 
-    h = act(InstanceNormPlus(num_classes=noise_classes, dtype=dtype, name="normalizer")(ref, labels))
+    h = act(InstanceNormPlus(num_classes=noise_classes, dtype=dtype, channel_ddof=flavor.channel_ddof,
+                             name="normalizer")(ref, labels))
     return ncsn_conv(x.shape[-1], dtype=dtype, name="end_conv")(h).astype(jnp.float32)
 
 
@@ -80,7 +104,10 @@ def _check_common(x: Array, labels: Array, image_size: int, num_channels: int, n
 
 
 class NCSNv2(nn.Module):
-    """NCSNv2 for 32/64px (variant 64), 96-128px (128) or 129-256px (256): RefineNet output / σ[labels]."""
+    """NCSNv2 for 32/64px (variant 64), 96-128px (128) or 129-256px (256): RefineNet output / σ[labels].
+
+    flavor: "pytorch" (score_sde_pytorch's network) or "flax" (score_sde's; see the module docstring).
+    """
     nf: int = 128
     variant: int = 64
     normalization: str = "InstanceNorm++"
@@ -93,14 +120,18 @@ class NCSNv2(nn.Module):
     num_scales: int = 232
     num_classes: int = 0
     dtype: Any = jnp.float32
+    flavor: str = "pytorch"
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
         _check_common(x, labels, self.image_size, self.num_channels, self.normalization, self.num_classes, y)
         if self.variant not in ARCHS:
             raise ValueError(f"NCSNv2 variant {self.variant} unknown; valid: {sorted(ARCHS)}")
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"model.flavor = {self.flavor!r} is not valid; choose from {sorted(FLAVORS)}")
         h = _refinenet(x, labels, nf=self.nf, variant=self.variant, image_size=self.image_size,
-                       centered=self.centered, nonlinearity=self.nonlinearity, noise_classes=0, dtype=self.dtype)
+                       centered=self.centered, nonlinearity=self.nonlinearity, noise_classes=0, dtype=self.dtype,
+                       flavor=FLAVORS[self.flavor])
         return h / conditioning.sigmas_at(labels, self.sigma_min, self.sigma_max, self.num_scales)[:, None, None, None]
 
 

@@ -1,7 +1,8 @@
 """InstanceNorm++ (Song & Ermon 2019), plain or conditioned on a noise-level index.
 
     μ_c, s_c = per-image channel mean and std (biased) over pixels
-    μ̃_c = (μ_c − mean_c μ) / sqrt(var_c μ + 1e-5)        (var over channels, *unbiased*, as PyTorch)
+    μ̃_c = (μ_c − mean_c μ) / sqrt(var_c μ + 1e-5)        (var over channels: unbiased as PyTorch, or
+                                                       biased as score_sde's Flax code: `channel_ddof`)
     y = γ_c ((x − μ_c) / sqrt(s_c² + 1e-5) + α_c μ̃_c) + β_c
 
 With `num_classes > 0`, (γ, α, β) are rows of an embedding indexed by the label (NCSN v1);
@@ -30,16 +31,20 @@ def _embed_init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) ->
 
 
 class InstanceNormPlus(nn.Module):
-    """InstanceNorm++ on NHWC; conditional on integer labels when num_classes > 0."""
+    """InstanceNorm++ on NHWC; conditional on integer labels when num_classes > 0.
+
+    channel_ddof: 1 (unbiased variance of the channel means, score_sde_pytorch) or 0 (biased, score_sde's Flax).
+    """
     num_classes: int = 0
     dtype: Any = jnp.float32
+    channel_ddof: int = 1
 
     @nn.compact
     def __call__(self, x: Array, labels: Optional[Array] = None) -> Array:
         c = x.shape[-1]
         xf = x.astype(jnp.float32)
         means = xf.mean(axis=(1, 2))
-        means_plus = (means - means.mean(-1, keepdims=True)) / jnp.sqrt(jnp.var(means, -1, ddof=1, keepdims=True) + 1e-5)
+        means_plus = (means - means.mean(-1, keepdims=True)) / jnp.sqrt(jnp.var(means, -1, ddof=self.channel_ddof, keepdims=True) + 1e-5)
         h = (xf - means[:, None, None]) / jnp.sqrt(jnp.var(xf, axis=(1, 2), keepdims=True) + 1e-5)
         if self.num_classes > 0:
             if labels is None:

@@ -55,8 +55,16 @@ def resize_bilinear_align_corners(x: Array, size: tuple[int, int]) -> Array:
     return jnp.einsum("oh,pw,bhwc->bopc", mh, mw, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _norm(num_classes: int, dtype: Any, name: str) -> InstanceNormPlus:
-    return InstanceNormPlus(num_classes=num_classes, dtype=dtype, name=name)
+def resize_bilinear(x: Array, size: tuple[int, int], align_corners: bool) -> Array:
+    """Bilinear resize of NHWC `x`: corners aligned (PyTorch align_corners=True, score_sde_pytorch) or
+    half-pixel centres (`jax.image.resize`, score_sde's Flax code)."""
+    if align_corners:
+        return resize_bilinear_align_corners(x, size)
+    return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear")
+
+
+def _norm(num_classes: int, dtype: Any, name: str, channel_ddof: int = 1) -> InstanceNormPlus:
+    return InstanceNormPlus(num_classes=num_classes, dtype=dtype, channel_ddof=channel_ddof, name=name)
 
 
 def _pool5(x: Array, maximum: bool) -> Array:
@@ -88,7 +96,8 @@ class ResidualBlock(nn.Module):
     """out = shortcut(x) + conv2(act(norm2(conv1(act(norm1(x)))))).
 
     resample='down' halves the resolution through ConvMeanPool when dilation == 1; with dilation > 1
-    it only changes channels (the reference's dilated "down" blocks keep the size).
+    it only changes channels (the reference's dilated "down" blocks keep the size). `channel_ddof`
+    is that of the InstanceNorm++ layers.
     """
     out_ch: int
     act: Act
@@ -97,6 +106,7 @@ class ResidualBlock(nn.Module):
     adjust_padding: bool = False
     num_classes: int = 0
     dtype: Any = jnp.float32
+    channel_ddof: int = 1
 
     @nn.compact
     def __call__(self, x: Array, labels: Optional[Array] = None) -> Array:
@@ -105,9 +115,9 @@ class ResidualBlock(nn.Module):
         in_ch, dt, d = x.shape[-1], self.dtype, self.dilation
         down = self.resample == "down"
         mid = in_ch if down else self.out_ch
-        h = self.act(_norm(self.num_classes, dt, "normalize1")(x, labels))
+        h = self.act(_norm(self.num_classes, dt, "normalize1", self.channel_ddof)(x, labels))
         h = ncsn_conv(mid, dilation=d, dtype=dt, name="conv1")(h)
-        h = self.act(_norm(self.num_classes, dt, "normalize2")(h, labels))
+        h = self.act(_norm(self.num_classes, dt, "normalize2", self.channel_ddof)(h, labels))
         if down and d == 1:
             h = ConvMeanPool(self.out_ch, 3, self.adjust_padding, dt, name="conv2")(h)
         else:
@@ -165,10 +175,11 @@ class CRPBlock(nn.Module):
 
 
 class MSFBlock(nn.Module):
-    """Multi-scale fusion: Σ_i resize_bilinear(conv3x3((norm) x_i), shape), align_corners=True."""
+    """Multi-scale fusion: Σ_i resize_bilinear(conv3x3((norm) x_i), shape), corners aligned or not."""
     features: int
     num_classes: int = 0
     dtype: Any = jnp.float32
+    align_corners: bool = True
 
     @nn.compact
     def __call__(self, xs: Sequence[Array], shape: tuple[int, int], labels: Optional[Array] = None) -> Array:
@@ -177,7 +188,7 @@ class MSFBlock(nn.Module):
             if self.num_classes > 0:
                 x = _norm(self.num_classes, self.dtype, f"norms_{i}")(x, labels)
             h = ncsn_conv(self.features, dtype=self.dtype, name=f"convs_{i}")(x)
-            total = total + resize_bilinear_align_corners(h, shape)
+            total = total + resize_bilinear(h, shape, self.align_corners)
         return total
 
 
@@ -189,6 +200,7 @@ class RefineBlock(nn.Module):
     end: bool = False
     num_classes: int = 0
     dtype: Any = jnp.float32
+    align_corners: bool = True
 
     @nn.compact
     def __call__(self, xs: Sequence[Array], shape: tuple[int, int], labels: Optional[Array] = None) -> Array:
@@ -199,6 +211,6 @@ class RefineBlock(nn.Module):
                 raise ValueError("the first RefineBlock takes exactly one input")
             h = hs[0]
         else:
-            h = MSFBlock(self.features, self.num_classes, self.dtype, name="msf")(hs, shape, labels)
+            h = MSFBlock(self.features, self.num_classes, self.dtype, self.align_corners, name="msf")(hs, shape, labels)
         h = CRPBlock(2, name="crp", **kw)(h, labels)
         return RCUBlock(3 if self.end else 1, 2, name="output_convs", **kw)(h, labels)

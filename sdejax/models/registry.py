@@ -62,7 +62,7 @@ def _ddpm(config: ml_collections.ConfigDict) -> nn.Module:
 def _ncsnv2(variant: int) -> Callable[[ml_collections.ConfigDict], nn.Module]:
     def build(config: ml_collections.ConfigDict) -> nn.Module:
         return NCSNv2(**_common(config), nf=config.model.nf, normalization=config.model.normalization,
-                      variant=variant)
+                      variant=variant, flavor=config.model.get("flavor", "pytorch"))
     return build
 
 
