@@ -44,7 +44,8 @@ class InstanceNormPlus(nn.Module):
         c = x.shape[-1]
         xf = x.astype(jnp.float32)
         means = xf.mean(axis=(1, 2))
-        means_plus = (means - means.mean(-1, keepdims=True)) / jnp.sqrt(jnp.var(means, -1, ddof=self.channel_ddof, keepdims=True) + 1e-5)
+        var_means = jnp.var(means, -1, ddof=self.channel_ddof, keepdims=True)
+        means_plus = (means - means.mean(-1, keepdims=True)) / jnp.sqrt(var_means + 1e-5)
         h = (xf - means[:, None, None]) / jnp.sqrt(jnp.var(xf, axis=(1, 2), keepdims=True) + 1e-5)
         if self.num_classes > 0:
             if labels is None:
