@@ -33,6 +33,9 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-proc
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_bool("distributed", False, "Initialise jax.distributed from the cluster environment "
                   "(SLURM, Open MPI, Kubernetes, Cloud TPU pods) when no address/count/id is given.")
+flags.DEFINE_list("allow_config_change", [], "Config keys (or sections, e.g. 'model.') that may differ from the "
+                  "config saved with the checkpoint, for a deliberate change on resume or in eval/sample mode; "
+                  "other changes to the model, SDE, preconditioning, objective or data are refused.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -50,7 +53,8 @@ def main(argv) -> None:
 
     run_mode = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample,
                 "fid_stats": workflow.fid_stats}[FLAGS.mode]
-    result = run_mode(FLAGS.config, FLAGS.workdir)
+    allow = {} if FLAGS.mode == "fid_stats" else {"allow_config_change": tuple(FLAGS.allow_config_change)}
+    result = run_mode(FLAGS.config, FLAGS.workdir, **allow)
     import jax  # pylint: disable=import-outside-toplevel
 
     if jax.process_index() == 0:

@@ -32,7 +32,7 @@ from sdejax import losses, score
 from sdejax import sde as sde_lib
 from sdejax.data import toy
 from sdejax.training import checkpoint, config as config_lib, parallel, preemption, state as state_lib
-from sdejax.training import step as step_lib
+from sdejax.training import step as step_lib, workdir_lock
 from sdejax.training.checkpoint import NonFiniteError  # noqa: F401 (re-exported)
 from sdejax.training.writer import MetricWriter
 
@@ -207,9 +207,11 @@ class Setup:
     placement: parallel.Placement
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Setup:
-    """Check the config, build SDE/data/model/optimizer/placement, and restore the latest
-    checkpoint (state and data-iterator position) if any."""
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_config_change: tuple[str, ...] = ()) \
+        -> Setup:
+    """Check the config, build SDE/data/model/optimizer/placement, and restore the newest intact
+    checkpoint (state and data-iterator position) if any; its config must match this one outside
+    `checkpoint.MAY_CHANGE` and the keys named in `allow_config_change`."""
     config_lib.check_config(config)
     placement = parallel.get_placement(config.training.get("parallelism", "jit"))
     sde = get_sde(config)
@@ -220,7 +222,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Set
     t = config.training
     ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=t.get("keep_checkpoints", 1),
                                    keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None,
-                                   config=config.to_dict())
+                                   config=config.to_dict(), allow_config_change=allow_config_change)
     restored = ckpt.restore(state, sharding=placement.state_sharding())
     if restored is not None:
         state, data_state = restored
@@ -262,7 +264,9 @@ def _learning_rate(config, step: int) -> float:
     return float(state_lib.get_lr_schedule(config.optim)(step))
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+@workdir_lock.exclusive
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          allow_config_change: tuple[str, ...] = ()) -> dict:
     """Train to `training.n_iters` (resuming from the latest checkpoint in `workdir`).
 
     Checkpoints: rolling ones every `snapshot_freq_for_preemption` steps (the newest
@@ -272,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     steps; eval loss every `eval_freq`. With `eval.after_training`, writes the eval/sampling report.
     """
     workdir = pathlib.Path(workdir)
-    s = setup(config, workdir)
+    s = setup(config, workdir, allow_config_change)
     t = config.training
     accum = t.get("grad_accum_steps", 1)
     parallel.check_batch_size(t.batch_size, accum, s.placement)
@@ -556,12 +560,13 @@ def report(s: Setup, workdir: pathlib.Path) -> dict:
     return out
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             allow_config_change: tuple[str, ...] = ()) -> dict:
     """Held-out loss and bits/dim (the test split for images) of the latest checkpoint (EMA),
     written to `eval_metrics.json` and TensorBoard; for image data with `eval.enable_sampling`, also
     FID/KID/IS against the `--mode=fid_stats` statistics (`eval/fid_<step>.json`)."""
     workdir = pathlib.Path(workdir)
-    s = _setup_restored(config, workdir)
+    s = _setup_restored(config, workdir, allow_config_change)
     out = _eval_metrics(s)
     if _is_image_dataset(config) and config.eval.enable_sampling:
         out["sample_quality"] = fid_eval(s, workdir)
@@ -574,19 +579,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     return out
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def sample(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+           allow_config_change: tuple[str, ...] = ()) -> dict:
     """`eval.num_samples` samples of the latest checkpoint (EMA) by `sampling.method`, written to
     `samples/samples_<step>.npz` and `.png` (an image grid for image data)."""
     workdir = pathlib.Path(workdir)
-    s = _setup_restored(config, workdir)
+    s = _setup_restored(config, workdir, allow_config_change)
     x, info = draw_samples(s, config.sampling.method, config.eval.num_samples, _key(config, "sample"))
     stem = workdir / "samples" / f"samples_{int(s.state.step)}"
     _save_samples(s, stem, {"samples": x})
     return {"step": int(s.state.step), "path": f"{stem}.npz", **info}
 
 
-def _setup_restored(config, workdir: pathlib.Path) -> Setup:
-    s = setup(config, workdir)
+def _setup_restored(config, workdir: pathlib.Path, allow_config_change: tuple[str, ...] = ()) -> Setup:
+    s = setup(config, workdir, allow_config_change)
     if s.checkpointer.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run --mode=train first")
     return s
