@@ -87,7 +87,10 @@ def _run(score_fn, rng, x, ts, *, solver, sde, denoise, trajectory, callback):
             jax.debug.callback(functools.partial(_emit, callback), i + 1, ts[i + 1], x, ordered=True)
         return (x, state), (x if trajectory else None)
 
-    (x, state), xs = jax.lax.scan(body, (x, state), jnp.arange(ts.shape[0] - 1))
+    if ts.shape[0] > 1:
+        (x, state), xs = jax.lax.scan(body, (x, state), jnp.arange(ts.shape[0] - 1))
+    else:  # no step: `step` is never traced (a solver's per-step arrays would be empty)
+        xs = jnp.zeros((0, *x.shape), x.dtype) if trajectory else None
     out = solver.final(sde, score_fn, jax.random.fold_in(rng, ts.shape[0] - 1), state, x, ts, denoise)
     return (out, xs) if trajectory else out
 
