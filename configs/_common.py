@@ -61,6 +61,7 @@ def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_
         data[key] = value
 
     config.model = model = ml_collections.ConfigDict()
+    model.flax_checkpoint = ''  # a score_sde Flax checkpoint (file or checkpoints/ folder) to start from
     model.sigma_min = 0.01
     model.sigma_max = float(sigma_max)
     model.num_scales = num_scales
@@ -196,6 +197,7 @@ def refinenet(config, *, name, sigma_max, num_scales, snr, n_steps_each, ema_rat
     model.nonlinearity = 'elu'
     model.nf = 128
     model.interpolation = 'bilinear'
+    model.flavor = 'pytorch'  # 'flax' for score_sde's Flax NCSNv2 (its checkpoints); sdejax.models.ncsnv2
     optim = config.optim
     optim.lr = 1e-4 if name != 'ncsn' else 1e-3
     optim.amsgrad = False

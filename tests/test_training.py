@@ -116,6 +116,11 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(half_run, tmp_path):
     ("training.batchsize", 32, r"unknown config key\(s\) \['training.batchsize'\]"),
     ("model.width", 32, r"unknown config key\(s\) \['model.width'\]"),
     ("model.embedding_type", "learned", "unknown embedding_type 'learned'"),
+    ("model.ema_rate", 2.0, r"model.ema_rate must be in \[0, 1\)"),
+    ("model.ema_rate", 1.0, r"model.ema_rate must be in \[0, 1\)"),
+    ("model.ema_rate", -0.1, r"model.ema_rate must be in \[0, 1\)"),
+    ("model.precond", "karras", "unknown model.precond 'karras'"),
+    ("training.time_sampling", "beta", "unknown time_sampling 'beta'"),
 ])
 def test_bad_config_fails_fast(key, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):

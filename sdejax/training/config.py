@@ -82,3 +82,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if section == "model":
             valid = MLP_MODEL_KEYS if config.model.get("name") == "mlp" else None
         _check_keys(section, set(config[section].keys()), valid, required)
+    if not 0.0 <= config.model.ema_rate < 1.0:
+        raise ValueError(f"model.ema_rate must be in [0, 1) (ema <- rate*ema + (1-rate)*params); "
+                         f"got {config.model.ema_rate}")

@@ -29,8 +29,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from sdejax import losses, score
+from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
 from sdejax.data import toy
+from sdejax.models import convert_flax
 from sdejax.training import checkpoint, config as config_lib, parallel, preemption, state as state_lib
 from sdejax.training import step as step_lib, workdir_lock
 from sdejax.training.checkpoint import NonFiniteError  # noqa: F401 (re-exported)
@@ -40,7 +42,8 @@ Array = jax.Array
 
 _STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6, "monitor": 7}
 SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
-              "subvpsde": ("beta_min", "beta_max")}
+              "subvpsde": ("beta_min", "beta_max"), "cosinevpsde": (), "edmsde": ("sigma_min", "sigma_max")}
+PRECONDS = ("default", "plain", "edm")
 SAMPLING_METHODS = ("pc", "ode")
 
 
@@ -75,14 +78,31 @@ def build_model(config: ml_collections.ConfigDict, rng: Array, x: Array) -> tupl
     return registry.make_apply_fn(model), variables
 
 
+def get_precond(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> precond_lib.Precond:
+    """`model.precond`: "default" (the schedule's own, `sde.default_precond`, with `model.prediction`),
+    "plain" (`model.prediction` from labels `model.noise_labels`) or "edm" (`model.sigma_data`)."""
+    m = config.model
+    name = m.get("precond", "default")
+    if name not in PRECONDS:
+        raise ValueError(f"unknown model.precond {name!r}; valid: {list(PRECONDS)}")
+    if name == "edm":
+        return precond_lib.Precond.edm(float(m.get("sigma_data", 0.5)))
+    if name == "plain":
+        return precond_lib.Precond.plain(m.get("prediction") or "eps", m.get("noise_labels", "time"))
+    return score.resolve_precond(sde, None, m.get("prediction"), config.training.continuous)
+
+
 def get_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, train: bool):
-    """Continuous DSM, or for `training.continuous = False` SMLD (VE) / DDPM (VP), as the original."""
+    """Continuous DSM (EDM's loss with model.precond = "edm" and training.time_sampling = "lognormal"),
+    or for `training.continuous = False` SMLD (VE) / DDPM (VP), as the original."""
     t = config.training
     if t.continuous:
         return losses.get_sde_loss_fn(sde, apply_fn, train, reduce_mean=t.reduce_mean, continuous=True,
                                       likelihood_weighting=t.likelihood_weighting,
                                       importance_weighting=t.get("importance_weighting", False),
-                                      prediction=config.model.get("prediction"))
+                                      precond=get_precond(config, sde), eps=t.get("eps", max(1e-5, sde.t_min)),
+                                      time_sampling=t.get("time_sampling", "uniform"),
+                                      p_mean=t.get("p_mean", -1.2), p_std=t.get("p_std", 1.2))
     discrete = {"vesde": losses.get_smld_loss_fn, "vpsde": losses.get_ddpm_loss_fn}
     name = t.sde.lower()
     if name not in discrete:
@@ -91,8 +111,7 @@ def get_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, t
 
 
 def get_score_fn(config, sde, apply_fn, params):
-    return score.get_score_fn(sde, apply_fn, params, prediction=config.model.get("prediction"),
-                              continuous=config.training.continuous)
+    return score.get_score_fn(sde, apply_fn, params, precond=get_precond(config, sde))
 
 
 def _process_rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -217,8 +236,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     sde = get_sde(config)
     data = get_data(config)
     apply_fn, variables = build_model(config, _key(config, "init"), jnp.asarray(data.heldout))
+    get_loss_fn(config, sde, apply_fn, train=True)  # the objective's settings fail here, before any work
     tx = state_lib.get_optimizer(config.optim)
+    flax_checkpoint = config.model.get("flax_checkpoint", "")
+    if flax_checkpoint:  # a score_sde (JAX/Flax) checkpoint: its training params, and its EMA
+        original = convert_flax.read_flax_checkpoint(flax_checkpoint)
+        variables = convert_flax.from_flax_params(original["optimizer"]["target"], config)
     state = state_lib.create_train_state(variables, tx, _key(config, "state"))
+    if flax_checkpoint:
+        state = state.replace(ema_params=convert_flax.from_flax_params(original["params_ema"], config))
     t = config.training
     ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=t.get("keep_checkpoints", 1),
                                    keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None,
@@ -241,7 +267,7 @@ def _due(step: int, freq: int) -> bool:
     return freq > 0 and step % freq == 0
 
 
-def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int]) -> None:
+def _check_finite(metrics: dict, first_step: int) -> None:
     """Raise NonFiniteError naming the first step whose loss or gradient norm is NaN/inf."""
     values = {k: np.asarray(metrics[k]) for k in ("loss", "grad_norm")}
     bad = np.zeros_like(values["loss"], bool)
@@ -251,8 +277,7 @@ def _check_finite(metrics: dict, first_step: int, last_saved: Optional[int]) -> 
         i = int(np.argmax(bad))
         which = ", ".join(f"{k} = {v[i]}" for k, v in values.items() if not np.isfinite(v[i]))
         raise NonFiniteError(
-            f"non-finite {which} at training step {first_step + i}; training stopped without saving. "
-            f"Last good checkpoint: {'none' if last_saved is None else f'step {last_saved}'} (intact).")
+            f"non-finite {which} at training step {first_step + i}; training stopped without saving.")
 
 
 def _to_host(x: Array) -> np.ndarray:
@@ -288,7 +313,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                           unroll=unroll)
     multi_step = s.placement.compile(step_lib.make_multi_step(train_step, unroll))
     eval_fn = _eval_loss_fn(config, s)
-    state, step, last_saved = s.placement.replicate(s.state), int(s.state.step), s.checkpointer.latest_step()
+    state, step = s.placement.replicate(s.state), int(s.state.step)
     monitor = make_monitor(config) if t.get("snapshot_sampling", False) and t.snapshot_freq > 0 else None
     writer, watcher = MetricWriter(workdir), preemption.PreemptionWatcher()
     start, last_loss, preempted = time.perf_counter(), None, False
@@ -299,10 +324,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 k = _chunk_length(step, t)
                 new_state, metrics = multi_step(state, s.placement.shard_batches(s.data.chunk(step, k)))
                 try:
-                    _check_finite(metrics, step, last_saved)
-                except NonFiniteError:
-                    s.checkpointer.wait()
-                    raise
+                    _check_finite(metrics, step)
+                except NonFiniteError as e:
+                    newest = s.checkpointer.latest_step()  # waits for the save in flight, verifies checksums
+                    raise NonFiniteError(f"{e} Newest intact checkpoint: "
+                                         f"{'none' if newest is None else f'step {newest}'}.") from None
                 state, step = new_state, step + k
                 window.append(metrics)
                 last_loss = float(np.mean(metrics["loss"]))  # mean over this dispatch's steps
@@ -327,7 +353,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                 if snapshot or _due(step, t.snapshot_freq_for_preemption) or step == t.n_iters or preempted:
                     host_state = s.placement.unreplicate(state)
                     s.checkpointer.save(host_state, s.data.get_state(), force=preempted)
-                    last_saved = step
                     if snapshot and t.get("snapshot_sampling", False):
                         s.state = host_state
                         snapshot_samples(s, workdir, writer, monitor)
@@ -593,8 +618,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
 def _setup_restored(config, workdir: pathlib.Path, allow_config_change: tuple[str, ...] = ()) -> Setup:
     s = setup(config, workdir, allow_config_change)
-    if s.checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run --mode=train first")
+    if s.checkpointer.latest_step() is None and not config.model.get("flax_checkpoint", ""):
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; run --mode=train first "
+                                "(or set model.flax_checkpoint to a score_sde Flax checkpoint)")
     return s
 
 
