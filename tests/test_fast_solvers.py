@@ -236,3 +236,87 @@ def test_exponential_weights_integrate_polynomials_exactly(x64):
         np.testing.assert_array_equal(table[m - 1, m:], 0.0)
     np.testing.assert_allclose(exponential_weights(u, jnp.asarray(h)), table[-1], rtol=0)
     np.testing.assert_allclose(phi_weights(jnp.asarray(h), 1)[0], -np.expm1(-h), rtol=1e-15)
+
+
+# --- the two-mode mixture: the weight of the small mode ------------------------------------------------
+# x_T is drawn from the exact marginal p_T (α_T x₀ + σ_T z), so a prior mismatch (VE: mean 3 against
+# σ_max = 50 moves the weight by ~0.02) is not charged to the solver; the flow maps p_T to p_eps, whose
+# small mode (x₁ + x₂ < 0) weighs 0.2 up to e^{−50}. The estimate has Monte-Carlo SE sqrt(0.2·0.8/N).
+# Discretisation bias, Richardson-style: with the same x_T, m_N − m_∞ ≈ (m_N − m_2N)/(1 − 2^{−p}), at
+# most 2|m_N − m_2N| for order p ≥ 1. Pass: |m_N − 0.2| ≤ 3 SE + 2|m_N − m_2N|, and the allowance itself
+# below 0.05 (a quarter of the weight: a solver that far from converged does not recover it).
+MIX_N = 4000
+MIX_SDES = [(VESDE(), False), (VPSDE(), True), (EDMSDE(), False)]  # (schedule, with the stochastic samplers)
+
+
+def small_mode_weight(x):
+    return float(jnp.mean(x[:, 0] + x[:, 1] < 0))
+
+
+@pytest.mark.parametrize("sde,stochastic", MIX_SDES, ids=[type(s).__name__ for s, _ in MIX_SDES])
+def test_mixture_mode_weight(sde, stochastic):
+    k_data, k_noise = jax.random.split(jax.random.PRNGKey(2))
+    alpha_T, sigma_T = sde.marginal_coeffs(jnp.asarray(sde.T))
+    x_T = alpha_T * MIXTURE.sample(k_data, MIX_N) + sigma_T * jax.random.normal(k_noise, (MIX_N, 2))
+    runs = {"heun": (HeunSolver(), grids.karras, (18, 36)),  # 35 NFE
+            "dpm++3M": (DPMSolverPP(3), grids.log_snr, (10, 20, 40)), "unipc": (UniPC(3), grids.log_snr, (10, 20, 40))}
+    if stochastic:
+        runs |= {"heun-churn": (HeunSolver(s_churn=10.0, s_tmin=0.05, s_tmax=10.0), grids.karras, (18, 36)),
+                 "sde-dpm++2M": (DPMSolverPP(2, eta=1.0), grids.log_snr, (20, 40))}
+    cases = [(solver, grid(sde, n)) for solver, grid, ns in runs.values() for n in ns]
+    outs = run_many(cases, sde, "mixture", x_T, denoise=True)
+    assert all(out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out))) for out in outs)
+    outs = iter(outs)
+    se = math.sqrt(0.2 * 0.8 / MIX_N)
+    for name, (_, _, ns) in runs.items():
+        weights = [small_mode_weight(next(outs)) for _ in ns]
+        for n, (m_n, m_2n) in zip(ns, zip(weights, weights[1:])):
+            allowance = 2 * abs(m_n - m_2n)
+            print(f"{type(sde).__name__} {name} NFE {n + (n - 1) * (name.startswith('heun'))}: "
+                  f"weight {m_n:.4f} (2N: {m_2n:.4f}), bound {3 * se + allowance:.4f}")
+            assert allowance <= 0.05 and abs(m_n - 0.2) <= 3 * se + allowance, (name, n, weights)
+
+
+# --- options, churn, gradients ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: DPMSolverPP(order=4), lambda: DPMSolverPP(order=True), lambda: DPMSolverPP(eta=-0.1),
+    lambda: DPMSolverPP(eta=float("nan")), lambda: UniPC(order=0), lambda: UniPC(variant="bh3"),
+    lambda: HeunSolver(s_churn=-1.0), lambda: HeunSolver(s_noise=-1.0), lambda: HeunSolver(s_tmin=-0.1),
+    lambda: HeunSolver(s_tmin=2.0, s_tmax=1.0),
+])
+def test_bad_options_raise(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_churn_plan(x64):
+    """γ_i = min(S_churn/n, √2 − 1) where S_tmin ≤ σ̃_i ≤ S_tmax, σ̂ = σ̃(1 + γ) clamped to σ̃(T), σ̃(t̂) = σ̂."""
+    sde, n = VPSDE(), 12
+    ts = jnp.asarray(grids.karras(sde, n))
+    solver = HeunSolver(s_churn=2.0, s_tmin=0.5, s_tmax=100.0, s_noise=1.5)
+    plan = solver.init(sde, None, jnp.zeros((1, 3)), ts)
+    sig, sig_max = np.asarray(sigma_tilde(sde, ts)), float(sigma_tilde(sde, jnp.asarray(sde.T)))
+    gamma = np.where((sig >= 0.5) & (sig <= 100.0), min(2.0 / n, math.sqrt(2) - 1), 0.0)
+    want = np.minimum(sig * (1 + gamma), sig_max)
+    assert sig[0] > 100.0 and (gamma[1:] > 0).any() and (gamma == 0).any()  # the grid exercises every case
+    np.testing.assert_allclose(plan.sigma_hat, want, rtol=1e-14)
+    np.testing.assert_allclose(sigma_tilde(sde, plan.t_hat), want, rtol=1e-10)  # t(λ) round trip
+    assert float(jnp.max(plan.t_hat)) <= sde.T
+    np.testing.assert_allclose(plan.noise, 1.5 * np.sqrt(want**2 - sig**2), rtol=1e-12, atol=1e-12)
+    clamped = HeunSolver(s_churn=40.0).init(sde, None, jnp.zeros((1, 3)), ts)  # γ = √2 − 1 everywhere
+    np.testing.assert_allclose(clamped.sigma_hat[0], sig_max, rtol=1e-14)  # σ̂_0 would exceed σ̃(T)
+    np.testing.assert_allclose(clamped.sigma_hat[1:], sig[1:] * math.sqrt(2), rtol=1e-14)
+
+
+def test_gradients_are_finite(x64):
+    """d(samples)/d(x_T, ts) through the step to σ = 0, every warm-up order (placeholder points, masked
+    selects) and churn on some steps only: no NaN from an unused branch or a sqrt at 0."""
+    sde = VPSDE()
+    x, ts = prior(sde, (2, 3)), jnp.asarray(grids.log_snr(sde, 6))
+    score = ORACLES["gauss"].score_fn(sde)
+    solvers = [DPMSolverPP(3), DPMSolverPP(3, eta=1.0), UniPC(3), HeunSolver(s_churn=1.0, s_tmin=0.5),
+               DPMSolverPP2S()]
+    grads = jax.jit(lambda x, ts: [jax.grad(lambda y, u: jnp.sum(sample_loop(s, sde, score, KEY, y, u)[0]),
+                                            argnums=(0, 1))(x, ts) for s in solvers])(x, ts)
+    for solver, grad in zip(solvers, grads):
+        assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0 for g in grad), solver

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,8 @@ class DPMSolverPP:
                                  lambda u, h: prefix_weights(u, (1.0 + self.eta) * h), self.eta)
         return jnp.zeros((self.order, *x.shape), x.dtype), plan
 
-    def step(self, sde, score_fn, rng, state, x, i, ts):
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, i: Array,
+             ts: Array) -> tuple[Array, Any]:
         ds, plan = state
         ds = push(ds, x0_at(sde, score_fn, x, ts[i]))
         x = combine(x, plan.decay[i], plan.alpha[i], plan.weights[i], ds)
@@ -195,7 +196,8 @@ class DPMSolverPP:
             x = x + plan.noise[i] * jax.random.normal(rng, x.shape, x.dtype)
         return x, (ds, plan)
 
-    def final(self, sde, score_fn, rng, state, x, ts, denoise):
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, ts: Array,
+              denoise: bool) -> Array:
         return denoised_final(sde, score_fn, x, ts, denoise)
 
     def nfe(self, n: int, denoise: bool) -> int:
@@ -221,14 +223,16 @@ class DPMSolverPP2S:
         to_mid = Plan(s_mid / sigma[:-1], a_mid, phi_weights(h_mid, 1), zero)
         return t_mid, to_mid, Plan(sigma[1:] / sigma[:-1], alpha[1:], exponential_weights(u, h), zero)
 
-    def step(self, sde, score_fn, rng, state, x, i, ts):
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, i: Array,
+             ts: Array) -> tuple[Array, Any]:
         t_mid, to_mid, to_end = state
         d_s = x0_at(sde, score_fn, x, ts[i])[None]
         x_mid = combine(x, to_mid.decay[i], to_mid.alpha[i], to_mid.weights[i], d_s)
         ds = jnp.concatenate([d_s, x0_at(sde, score_fn, x_mid, t_mid[i])[None]])
         return combine(x, to_end.decay[i], to_end.alpha[i], to_end.weights[i], ds), state
 
-    def final(self, sde, score_fn, rng, state, x, ts, denoise):
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, ts: Array,
+              denoise: bool) -> Array:
         return denoised_final(sde, score_fn, x, ts, denoise)
 
     def nfe(self, n: int, denoise: bool) -> int:

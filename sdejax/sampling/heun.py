@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,10 +83,12 @@ class HeunSolver:
         sig_hat = jnp.minimum(sig * (1.0 + gamma), sigma_tilde(sde, jnp.asarray(sde.T, ts.dtype)))
         t_hat = jnp.where(sig_hat > sig, sde.t_from_log_snr(-2.0 * jnp.log(sig_hat)).astype(ts.dtype), ts)
         alpha_hat, _ = sde.marginal_coeffs(t_hat)
-        noise = jnp.sqrt(jnp.maximum(sig_hat**2 - sig**2, 0.0)) * self.s_noise
+        var = sig_hat**2 - sig**2  # 0 where nothing is churned: sqrt kept off 0, so d/dts stays finite
+        noise = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0) * self.s_noise
         return HeunPlan(alpha, sig, sig_hat, t_hat, alpha_hat, noise)
 
-    def step(self, sde, score_fn, rng, state, x, i, ts):
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, i: Array,
+             ts: Array) -> tuple[Array, Any]:
         p = state
         xt = x / p.alpha[i]
         if self.s_churn:
@@ -99,7 +101,8 @@ class HeunSolver:
             xt_next = xt + (sig_next - sig_hat) * 0.5 * (d + d_next)
         return a_next * xt_next, state
 
-    def final(self, sde, score_fn, rng, state, x, ts, denoise):
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, ts: Array,
+              denoise: bool) -> Array:
         return denoised_final(sde, score_fn, x, ts, denoise)
 
     def nfe(self, n: int, denoise: bool) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ class UniPC:
     """UniPC of `order` 1, 2 or 3 (UniP-p + UniC-p, order p + 1); `corrector=False` is UniP-p alone (order p).
 
     The state is the newest-first history of D at the grid points (D_0 evaluated in `init`), the
-    predictor's `Plan` and the corrector's weights (the last one for D_t). Warm-up and
+    predictor's `Plan` and the corrector's weights (the last one for D_t; None without corrector). Warm-up and
     `lower_order_final` as DPM-Solver++ (`dpm_solver.step_order`: fewer than 10 steps).
     """
 
@@ -75,19 +76,22 @@ class UniPC:
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; valid variants: {list(VARIANTS)}")
 
-    def init(self, sde: SDE, score_fn: ScoreFn, x: Array, ts: Array) -> tuple[Array, Plan, Array]:
+    def init(self, sde: SDE, score_fn: ScoreFn, x: Array, ts: Array) -> tuple[Array, Plan, Array | None]:
         table_fn = functools.partial(unipc_table, self.variant)
         plan, (u, h, k) = multistep_plan(sde, ts, self.order, self.lower_order_final, table_fn)
         # The corrector's points: u_0 = 0, then the step's end u = 1, then the earlier points, so the
         # order-k corrector is the prefix of k + 1; its weights are put back as (history…, D_t).
-        points = jnp.concatenate([u[:, :1], jnp.ones_like(u[:, :1]), u[:, 1:]], -1)
-        corrector = select_order(table_fn(points, h), k + 1)[:, [0, *range(2, self.order + 1), 1]]
+        corrector = None
+        if self.corrector:
+            points = jnp.concatenate([u[:, :1], jnp.ones_like(u[:, :1]), u[:, 1:]], -1)
+            corrector = select_order(table_fn(points, h), k + 1)[:, [0, *range(2, self.order + 1), 1]]
         ds = jnp.zeros((self.order, *x.shape), x.dtype)
         if ts.shape[0] > 1:  # with no step D_0 is never used
             ds = push(ds, x0_at(sde, score_fn, x, ts[0]))
         return ds, plan, corrector
 
-    def step(self, sde, score_fn, rng, state, x, i, ts):
+    def step(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, i: Array,
+             ts: Array) -> tuple[Array, Any]:
         ds, plan, corrector = state
         x_pred = combine(x, plan.decay[i], plan.alpha[i], plan.weights[i], ds)
 
@@ -100,7 +104,8 @@ class UniPC:
 
         return jax.lax.cond(i == ts.shape[0] - 2, lambda _: (x_pred, state), evaluate, None)
 
-    def final(self, sde, score_fn, rng, state, x, ts, denoise):
+    def final(self, sde: SDE, score_fn: ScoreFn, rng: Array, state: Any, x: Array, ts: Array,
+              denoise: bool) -> Array:
         return denoised_final(sde, score_fn, x, ts, denoise)
 
     def nfe(self, n: int, denoise: bool) -> int:
