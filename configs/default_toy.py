@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.noise_removal = True
     sampling.rtol = 1e-5
     sampling.atol = 1e-5
+    sampling.num_steps = 10  # the fast solvers (dpm_solver, unipc, heun, ...): grid points
+    sampling.order = 2
+    sampling.grid = "default"  # each method's own: log_snr for DPM-Solver++ / UniPC, karras for Heun
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.after_training = True

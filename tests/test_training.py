@@ -132,8 +132,12 @@ def test_missing_key_and_unknown_sampler(tmp_path):
     del config.training["sde"]
     with pytest.raises(ValueError, match=r"missing config key\(s\) \['training.sde'\]"):
         loop.setup(config, tmp_path)
-    with pytest.raises(ValueError, match="unknown sampling method 'ddim'"):
-        loop.draw_samples(loop.setup(tiny_config(), tmp_path), "ddim", 4, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="unknown sampling method 'dpm'"):
+        loop.draw_samples(loop.setup(tiny_config(), tmp_path), "dpm", 4, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="unknown sampling method 'dpm'"):  # before any training
+        loop.setup(tiny_config(**{"sampling.method": "dpm"}), tmp_path / "early")
+    with pytest.raises(ValueError, match="unknown variant 'bh3'"):
+        loop.setup(tiny_config(**{"sampling.method": "unipc", "sampling.variant": "bh3"}), tmp_path / "early")
 
 
 def _cli(monkeypatch, *args, config=cli.DEFAULT_CONFIG):
@@ -153,11 +157,13 @@ def test_cli_train_eval_sample(tmp_path, capsys, monkeypatch):
     _cli(monkeypatch, f"--workdir={workdir}", "--mode=train", *overrides)
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 2 * N and np.isfinite(metrics["final_loss"])
-    assert set(metrics["samplers"]) == {"pc", "ode"} and metrics["samplers"]["pc"]["nfe"] > 0
+    assert set(metrics["samplers"]) == {"pc", "ode", "dpm_solver"} and metrics["samplers"]["pc"]["nfe"] > 0
+    assert metrics["samplers"]["dpm_solver"]["nfe"] == 10  # sampling.num_steps grid points, the last a denoise
     assert (workdir / "samples.png").stat().st_size > 0 and (workdir / "checkpoints" / str(2 * N)).is_dir()
     _cli(monkeypatch, f"--workdir={workdir}", "--mode=eval", *overrides)
     assert np.isfinite(json.loads((workdir / "eval_metrics.json").read_text())["heldout_loss"])
-    _cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--config.sampling.method=ode", *overrides)
+    _cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--config.sampling.method=unipc",
+         "--config.sampling.num_steps=6", *overrides)
     samples = np.load(workdir / "samples" / f"samples_{2 * N}.npz")["samples"]
     assert samples.shape == (64, 2) and np.all(np.isfinite(samples))
     assert (workdir / "samples" / f"samples_{2 * N}.png").is_file()

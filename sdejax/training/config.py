@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from sdejax.sampling import methods
+
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "training": {"batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq",
                  "snapshot_freq_for_preemption", "snapshot_sampling", "likelihood_weighting",
@@ -29,8 +31,8 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps"},
-    # rtol/atol: probability-flow ODE tolerances for sampling.
-    "sampling": {"rtol", "atol"},
+    # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS).
+    "sampling": set(methods.ALL_CONFIG_KEYS),
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).

@@ -33,6 +33,7 @@ from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
 from sdejax.data import toy
 from sdejax.models import convert_flax
+from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, parallel, preemption, state as state_lib
 from sdejax.training import step as step_lib, workdir_lock
 from sdejax.training.checkpoint import NonFiniteError  # noqa: F401 (re-exported)
@@ -44,7 +45,7 @@ _STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample"
 SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
               "subvpsde": ("beta_min", "beta_max"), "cosinevpsde": (), "edmsde": ("sigma_min", "sigma_max")}
 PRECONDS = ("default", "plain", "edm")
-SAMPLING_METHODS = ("pc", "ode")
+REPORT_METHODS = ("pc", "ode", "dpm_solver")
 
 
 def _key(config: ml_collections.ConfigDict, stream: str) -> Array:
@@ -236,7 +237,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     sde = get_sde(config)
     data = get_data(config)
     apply_fn, variables = build_model(config, _key(config, "init"), jnp.asarray(data.heldout))
-    get_loss_fn(config, sde, apply_fn, train=True)  # the objective's settings fail here, before any work
+    get_loss_fn(config, sde, apply_fn, train=True)  # the objective's and the sampler's settings fail
+    methods.from_config(config.sampling)  # here, before any work
     tx = state_lib.get_optimizer(config.optim)
     flax_checkpoint = config.model.get("flax_checkpoint", "")
     if flax_checkpoint:  # a score_sde (JAX/Flax) checkpoint: its training params, and its EMA
@@ -395,27 +397,18 @@ def _data_shape(s: Setup) -> tuple[int, ...]:
 
 
 def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
-    """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` ("pc": config.sampling's
-    predictor/corrector; "ode": the probability-flow ODE), compiled once, and the compile time.
+    """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` (any name in
+    `sdejax.sampling.methods.METHODS`, with the options config.sampling gives it), compiled once,
+    and the compile time.
 
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
     devices only (each process may call it with its own rng, any number of times)."""
-    if method not in SAMPLING_METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; valid: {list(SAMPLING_METHODS)}")
-    from sdejax.sampling.ode import ode_sample
-    from sdejax.sampling.pc import pc_sample
-
-    c = s.config.sampling
+    draw = methods.from_config({**s.config.sampling.to_dict(), "method": method})
     shape = (n,) + _data_shape(s)
 
     def sample(params, rng):
-        score_fn = get_score_fn(s.config, s.sde, s.apply_fn, params)
-        if method == "pc":
-            return pc_sample(rng, s.sde, score_fn, shape, predictor=c.predictor, corrector=c.corrector, snr=c.snr,
-                             n_steps=c.n_steps_each, probability_flow=c.probability_flow, denoise=c.noise_removal)
-        return ode_sample(rng, s.sde, score_fn, shape, rtol=c.get("rtol", 1e-5), atol=c.get("atol", 1e-5),
-                          denoise=c.noise_removal)
+        return draw(rng, s.sde, get_score_fn(s.config, s.sde, s.apply_fn, params), shape)
 
     if local:
         mesh = Mesh(np.asarray(jax.local_devices()), (parallel.AXIS,))
@@ -573,12 +566,13 @@ def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter,
 
 
 def report(s: Setup, workdir: pathlib.Path) -> dict:
-    """The quick-start report: `_eval_metrics`, then PC and probability-flow ODE samples (NFE, wall
-    time) saved to `samples.npz` and plotted beside the data in `samples.png`."""
+    """The quick-start report: `_eval_metrics`, then samples (NFE, wall time) of `REPORT_METHODS`
+    (PC, the probability-flow ODE, DPM-Solver++ on `sampling.num_steps` points) saved to
+    `samples.npz` and plotted beside the data in `samples.png`."""
     out = _eval_metrics(s)
     if s.config.eval.enable_sampling:
         samples, out["samplers"] = {}, {}
-        for i, method in enumerate(SAMPLING_METHODS):
+        for i, method in enumerate(REPORT_METHODS):
             rng = jax.random.fold_in(_key(s.config, "sample"), i)
             samples[method], out["samplers"][method] = draw_samples(s, method, s.config.eval.num_samples, rng)
         _save_samples(s, workdir / "samples", samples)
