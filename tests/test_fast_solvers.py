@@ -320,3 +320,15 @@ def test_gradients_are_finite(x64):
                                             argnums=(0, 1))(x, ts) for s in solvers])(x, ts)
     for solver, grad in zip(solvers, grads):
         assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0 for g in grad), solver
+
+
+@pytest.mark.parametrize("make", [lambda lof: DPMSolverPP(3, lower_order_final=lof),
+                                  lambda lof: UniPC(3, lower_order_final=lof)])
+def test_warm_up_and_lower_order_final(x64, make):
+    """Step orders min(order, i + 1), and with `lower_order_final` on fewer than 10 steps (dpm-solver's
+    threshold) at most n − 1 − i: read off the number of nonzero weights of each step."""
+    sde = VPSDE()
+    for n, lof, orders in [(6, True, [1, 2, 3, 2, 1]), (6, False, [1, 2, 3, 3, 3]), (11, True, [1, 2] + [3] * 8)]:
+        ts = jnp.asarray(grids.log_snr(sde, n))
+        plan = make(lof).init(sde, ORACLES["point"].score_fn(sde), jnp.zeros((1, 3)), ts)[1]
+        assert np.count_nonzero(np.asarray(plan.weights), axis=1).tolist() == orders, (n, lof)
