@@ -125,7 +125,7 @@ def fitted_orders(solvers, sde) -> dict[str, float]:
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
 def test_order_of_convergence(x64, sde):
     slopes = fitted_orders(ORDER_SOLVERS, sde)
-    print(type(sde).__name__, {name: round(v, 2) for name, v in slopes.items()})
+    print(f"\n{type(sde).__name__} fitted orders: " + ", ".join(f"{name} {v:.2f}" for name, v in slopes.items()))
     assert all(abs(slopes[name] - order) <= 0.25 for name, _, order in ORDER_SOLVERS), slopes
 
 
@@ -156,7 +156,8 @@ def test_point_mass_is_exact(x64, sde):
     tol = 64 * len(ts) * EPS64 * max(1.0, float(jnp.max(jnp.abs(x))))
     exact = jax.vmap(lambda t: oracle.flow(sde, x, ts[0], t))(jnp.asarray(ts[1:]))
     for solver, (out, xs) in zip(DETERMINISTIC + STOCHASTIC, outs):
-        np.testing.assert_allclose(out, np.broadcast_to(MU, out.shape), rtol=0, atol=64 * EPS64 * 4, err_msg=repr(solver))
+        np.testing.assert_allclose(out, np.broadcast_to(MU, out.shape), rtol=0, atol=64 * EPS64 * 4,
+                                   err_msg=repr(solver))
         if solver in DETERMINISTIC:
             np.testing.assert_allclose(xs, exact, rtol=0, atol=tol, err_msg=repr(solver))
 
@@ -294,7 +295,7 @@ def test_churn_plan(x64):
     sde, n = VPSDE(), 12
     ts = jnp.asarray(grids.karras(sde, n))
     solver = HeunSolver(s_churn=2.0, s_tmin=0.5, s_tmax=100.0, s_noise=1.5)
-    plan = solver.init(sde, None, jnp.zeros((1, 3)), ts)
+    plan = jax.jit(lambda ts: solver.init(sde, None, jnp.zeros((1, 3)), ts))(ts)
     sig, sig_max = np.asarray(sigma_tilde(sde, ts)), float(sigma_tilde(sde, jnp.asarray(sde.T)))
     gamma = np.where((sig >= 0.5) & (sig <= 100.0), min(2.0 / n, math.sqrt(2) - 1), 0.0)
     want = np.minimum(sig * (1 + gamma), sig_max)
@@ -303,7 +304,7 @@ def test_churn_plan(x64):
     np.testing.assert_allclose(sigma_tilde(sde, plan.t_hat), want, rtol=1e-10)  # t(λ) round trip
     assert float(jnp.max(plan.t_hat)) <= sde.T
     np.testing.assert_allclose(plan.noise, 1.5 * np.sqrt(want**2 - sig**2), rtol=1e-12, atol=1e-12)
-    clamped = HeunSolver(s_churn=40.0).init(sde, None, jnp.zeros((1, 3)), ts)  # γ = √2 − 1 everywhere
+    clamped = jax.jit(lambda ts: HeunSolver(s_churn=40.0).init(sde, None, jnp.zeros((1, 3)), ts))(ts)  # γ = √2 − 1
     np.testing.assert_allclose(clamped.sigma_hat[0], sig_max, rtol=1e-14)  # σ̂_0 would exceed σ̃(T)
     np.testing.assert_allclose(clamped.sigma_hat[1:], sig[1:] * math.sqrt(2), rtol=1e-14)
 
@@ -329,6 +330,6 @@ def test_warm_up_and_lower_order_final(x64, make):
     threshold) at most n − 1 − i: read off the number of nonzero weights of each step."""
     sde = VPSDE()
     for n, lof, orders in [(6, True, [1, 2, 3, 2, 1]), (6, False, [1, 2, 3, 3, 3]), (11, True, [1, 2] + [3] * 8)]:
-        ts = jnp.asarray(grids.log_snr(sde, n))
-        plan = make(lof).init(sde, ORACLES["point"].score_fn(sde), jnp.zeros((1, 3)), ts)[1]
+        init = jax.jit(lambda ts: make(lof).init(sde, ORACLES["point"].score_fn(sde), jnp.zeros((1, 3)), ts))
+        plan = init(jnp.asarray(grids.log_snr(sde, n)))[1]
         assert np.count_nonzero(np.asarray(plan.weights), axis=1).tolist() == orders, (n, lof)
