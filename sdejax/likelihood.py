@@ -79,7 +79,7 @@ def log_likelihood(
     num_probes: int = 1,
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    eps: float = 1e-5,
+    eps: float | None = None,
     solver: SolverLike = None,
 ) -> tuple[Array, Array, Array]:
     """log p_eps(x) in nats per example via the probability-flow ODE; returns (logp, z = x_T, nfe).
@@ -87,7 +87,7 @@ def log_likelihood(
     `divergence`: "exact", "hutchinson_gaussian" or "hutchinson_rademacher" (`num_probes` probes
     averaged; `rng` draws them). `solver`: a diffrax solver or a name in `ODE_SOLVERS` (default
     Tsit5). NFE counts evaluations of the augmented vector field, each one score forward pass (plus a
-    VJP per probe, or D tangent passes for "exact"). `eps` must lie in [t_min, T).
+    VJP per probe, or D tangent passes for "exact"). `eps` ∈ [t_min, T) defaults to max(1e-5, t_min).
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid names: {list(DIVERGENCES)}")
@@ -97,7 +97,8 @@ def log_likelihood(
     if x.ndim < 2:
         raise ValueError(f"x must have shape (batch, ...features); got {x.shape}")
     solver = get_solver(solver, ODE_SOLVERS, "tsit5")
-    return _log_likelihood(score_pytree(score_fn), rng, x, rtol, atol, check_eps(sde, eps),
+    eps = check_eps(sde, max(1e-5, sde.t_min) if eps is None else eps)
+    return _log_likelihood(score_pytree(score_fn), rng, x, rtol, atol, eps,
                            sde=sde, divergence=divergence, num_probes=num_probes, solver=solver)
 
 

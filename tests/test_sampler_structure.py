@@ -42,22 +42,24 @@ TRACES = [0]  # trace-time calls of the score functions below
 
 @functools.lru_cache(maxsize=None)
 def gaussian_score(sde):
-    """score(mu, cov, x, t) of data N(mu, cov) under `sde`: −C_t⁻¹(x − α_t mu), C_t = α_t² cov + σ_t² I.
+    """score(mu, lam, u, x, t) of data N(mu, cov), cov = u diag(lam) uᵀ, under `sde`:
+    −u diag(1/(α_t² lam + σ_t²)) uᵀ (x − α_t mu) (no LAPACK in traced code: see test_sampling_pc).
 
-    One function object per SDE, so `Partial(gaussian_score(sde), mu, cov)` with new mu/cov arrays
-    has the same tree structure; its body counts how often it is traced.
+    One function object per SDE, so `Partial(gaussian_score(sde), mu, lam, u)` with new arrays has
+    the same tree structure; its body counts how often it is traced.
     """
-    def score(mu, cov, x, t):
+    def score(mu, lam, u, x, t):
         TRACES[0] += 1
         alpha, sigma = sde.marginal_coeffs(t)
-        c = alpha[:, None, None] ** 2 * cov + sigma[:, None, None] ** 2 * jnp.eye(x.shape[-1], dtype=x.dtype)
-        return -jnp.linalg.solve(c, (x - alpha[:, None] * mu)[..., None])[..., 0]
+        z = (x - alpha[:, None] * mu) @ u
+        return -(z / (alpha[:, None] ** 2 * lam + sigma[:, None] ** 2)) @ u.T
 
     return score
 
 
 def score_of(sde, mu=MU, cov=COV, dtype=jnp.float32) -> Partial:
-    return Partial(gaussian_score(sde), jnp.asarray(mu, dtype), jnp.asarray(cov, dtype))
+    lam, u = np.linalg.eigh(cov)
+    return Partial(gaussian_score(sde), *(jnp.asarray(v, dtype) for v in (mu, lam, u)))
 
 
 def np_coeffs(sde, t):
@@ -224,13 +226,12 @@ def test_score_sde_ending_reproduces_the_original(sde, predictor, corrector):
 MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jax.tree_util import Partial
-    from sdejax.analytic import GaussianMixture
     from sdejax.sampling.pc import pc_sample
     from sdejax.sde import VESDE
+    from test_sampling_pc import gaussian_score
     assert jax.device_count() == 8 and jax.config.jax_enable_x64, jax.devices()
     sde = VESDE(sigma_min=0.01, sigma_max=20.0, N=10)
-    score = Partial(GaussianMixture.marginal_score, GaussianMixture.create([1.0], [[0.5, -1.0]]), sde)
+    score = gaussian_score(sde, [0.5, -1.0], np.eye(2), jnp.float64)
     sample = lambda x: pc_sample(jax.random.PRNGKey(2), sde, score, (64, 2), langevin_norm="batch", x_T=x)[0]
     x_T = sde.prior_sampling(jax.random.PRNGKey(1), (64, 2), jnp.float64)
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), P("batch"))

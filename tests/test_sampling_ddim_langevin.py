@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.tree_util import Partial
 
 from sdejax.analytic import GaussianMixture
 from sdejax.sampling.ddim import ddim_sample
 from sdejax.sampling.langevin import annealed_langevin_sample, default_sigmas, langevin_sample, t_of_sigma
 from sdejax.sde import VESDE, VPSDE
 from test_sampling_pc import (
-    EPS, SDES, assert_moments, counted_score, denoised_target, prior_mismatch, run_counted,
+    EPS, SDES, assert_moments, counted_score, denoised_target, isotropic_mixture_score, prior_mismatch, run_counted,
 )
 
 MIXTURE = GaussianMixture.create([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]])
@@ -92,7 +91,7 @@ def test_annealed_langevin_recovers_mixture_weight():
     mapped to times by bisection.
     """
     sde = VESDE(sigma_min=0.01, sigma_max=50.0, N=1000)
-    score = Partial(GaussianMixture.marginal_score, MIXTURE, sde)
+    score = isotropic_mixture_score(sde, MIXTURE.weights, MIXTURE.means)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(0))
     x, nfe = annealed_langevin_sample(rng, sde, score, (N_MIX, 2), 100, 2e-3, init=uniform_init(init_rng),
                                       sigmas=np.geomspace(20.0, 0.1, 50))
@@ -108,9 +107,9 @@ def test_plain_langevin_keeps_init_split():
     split. The boundary of the two basins is x₁ + x₂ = −log(4)/10 ≈ −0.14, so the init puts ≈ 0.49 of its
     mass on the (−5,−5) side, and crossing the gap (density ≈ e^{−25} of the modes' peaks) never happens.
     Assert |w − 0.5| < 0.1 (≥ 17 SE from 0.2, the true weight)."""
-    log_p = lambda x: jnp.sum(MIXTURE.log_prob(x))
+    marginal = isotropic_mixture_score(VPSDE(), MIXTURE.weights, MIXTURE.means)  # at t = 0: α = 1, σ = 0
     init_rng, rng = jax.random.split(jax.random.PRNGKey(0))
-    x, nfe = langevin_sample(rng, jax.grad(log_p), uniform_init(init_rng), 1000, 0.1)
+    x, nfe = langevin_sample(rng, lambda x: marginal(x, jnp.zeros(x.shape[:1])), uniform_init(init_rng), 1000, 0.1)
     w = weight_of_first_mode(x)
     print(f"plain Langevin weight {w:.4f}")
     assert nfe == 1000

@@ -1,6 +1,6 @@
 """Predictor–corrector samplers against closed-form Gaussian oracles.
 
-Oracle. Data N(μ, Σ) (non-diagonal Σ), exact score from `GaussianMixture`. With `denoise=True` the
+Oracle. Data N(μ, Σ) (non-diagonal Σ), exact score (`gaussian_score`). With `denoise=True` the
 sampler's ideal output is Tweedie's x̂_0(x_eps), x_eps ~ p_eps = N(α μ, C), C = α²Σ + σ²I at t = eps:
 mean μ and covariance (C − 2σ²I + σ⁴C⁻¹)/α² (`denoised_target`).
 
@@ -13,6 +13,11 @@ Tolerance per entry of the mean and covariance of the N-step run:
     with mean error K α_T μ and covariance error K (prior_std² I − C_T) Kᵀ, K = α_T Σ C_T⁻¹ (x_0 | x_T is
     Gaussian with mean μ + K(x_T − α_T μ)); ≤ 1e-3 here (σ_max = 20 for VE, α_T ≈ 7e-3 for VP/sub-VP).
   + for the `langevin` corrector only, the bias of its per-example step (see `langevin_allowance`).
+
+The exact scores here (`gaussian_score`, `isotropic_mixture_score`) do their linear algebra on the host.
+`GaussianMixture.marginal_score` differentiates a Cholesky-based density: four batched LAPACK calls
+per evaluation that XLA:CPU may run concurrently, which deadlocks its intra-op thread pool on 2 cores
+(observed in these PC runs).
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from sdejax.analytic import GaussianMixture
 from sdejax.sampling.pc import CORRECTORS, PREDICTORS, pc_nfe, pc_sample
 from sdejax.sde import VESDE, VPSDE, subVPSDE
 
@@ -61,11 +65,37 @@ def _counted(score, x, t):
     return score(x, t)
 
 
+def _gaussian_score(sde, mu, lam, u, x, t):
+    alpha, sigma = sde.marginal_coeffs(t)
+    z = (x - alpha[:, None] * mu) @ u
+    return -(z / (alpha[:, None] ** 2 * lam + sigma[:, None] ** 2)) @ u.T
+
+
+def gaussian_score(sde, mu, sigma, dtype=jnp.float32) -> Partial:
+    """The exact score of N(mu, sigma) under `sde`: with sigma = U diag(λ) Uᵀ (eigh on the host),
+    C_t = α_t² sigma + σ_t² I = U diag(α_t² λ + σ_t²) Uᵀ and s(x, t) = −C_t⁻¹ (x − α_t mu)."""
+    lam, u = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return Partial(_gaussian_score, sde, *(jnp.asarray(v, dtype) for v in (mu, lam, u)))
+
+
+def _isotropic_mixture_score(sde, log_w, means, x, t):
+    alpha, sigma = sde.marginal_coeffs(t)
+    var = (alpha**2 + sigma**2)[:, None, None]
+    diff = alpha[:, None, None] * means[None] - x[:, None, :]  # (B, K, d)
+    resp = jax.nn.softmax(log_w - 0.5 * jnp.sum(diff**2, axis=-1) / var[..., 0], axis=-1)
+    return jnp.sum(resp[..., None] * diff / var, axis=1)
+
+
+def isotropic_mixture_score(sde, weights, means) -> Partial:
+    """The exact score of Σ_k w_k N(μ_k, I): p_t = Σ_k w_k N(α μ_k, (α² + σ²) I), so
+    s = Σ_k r_k(x) (α μ_k − x)/(α² + σ²) with r = softmax_k(log w_k − |x − α μ_k|²/(2(α² + σ²)))."""
+    return Partial(_isotropic_mixture_score, sde, jnp.log(jnp.asarray(weights, jnp.float32)),
+                   jnp.asarray(means, jnp.float32))
+
+
 def counted_score(sde, d: int) -> Partial:
     """Exact score of GAUSSIANS[d] under `sde`, incrementing CALLS at every evaluation."""
-    mu, sigma = GAUSSIANS[d]
-    gmm = GaussianMixture.create([1.0], mu[None], sigma[None])
-    return Partial(_counted, Partial(GaussianMixture.marginal_score, gmm, sde))
+    return Partial(_counted, gaussian_score(sde, *GAUSSIANS[d]))
 
 
 def run_counted(sampler, *args, **kwargs):
@@ -244,8 +274,8 @@ def test_mixture_weight_pc():
     Assignment by the sign of x₁ + x₂ (the modes are 10√2 apart in units of their std).
     """
     sde = VESDE(sigma_min=0.01, sigma_max=50.0, N=200)
-    gmm = GaussianMixture.create([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]])
-    x, nfe = pc_sample(jax.random.PRNGKey(3), sde, Partial(GaussianMixture.marginal_score, gmm, sde), (5000, 2),
+    score = isotropic_mixture_score(sde, [0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]])
+    x, nfe = pc_sample(jax.random.PRNGKey(3), sde, score, (5000, 2),
                        "reverse_diffusion", "ald")
     w = float(np.mean(np.asarray(x).sum(-1) < 0))
     print(f"PC mixture weight {w:.4f}, nfe {nfe}")
@@ -257,9 +287,7 @@ def test_ancestral_probability_flow_is_ddim_eta0():
     from sdejax.sampling.ddim import ddim_sample
 
     sde = VPSDE(N=50)
-    mu, sig = GAUSSIANS[2]
-    gmm = GaussianMixture.create([1.0], mu[None], sig[None])
-    score = Partial(GaussianMixture.marginal_score, gmm, sde)
+    score = gaussian_score(sde, *GAUSSIANS[2])
     x_pc, nfe_pc = pc_sample(jax.random.PRNGKey(5), sde, score, (64, 2), "ancestral_sampling", "none",
                              probability_flow=True)
     x_ddim, nfe_ddim = ddim_sample(jax.random.PRNGKey(5), sde, score, (64, 2), 50, eta=0.0)
@@ -269,9 +297,7 @@ def test_ancestral_probability_flow_is_ddim_eta0():
 
 def test_clip_x0_bounds_output():
     sde = VPSDE(N=50)
-    mu, sig = GAUSSIANS[2]
-    gmm = GaussianMixture.create([1.0], mu[None], sig[None])
-    x, _ = pc_sample(jax.random.PRNGKey(0), sde, Partial(GaussianMixture.marginal_score, gmm, sde), (256, 2),
+    x, _ = pc_sample(jax.random.PRNGKey(0), sde, gaussian_score(sde, *GAUSSIANS[2]), (256, 2),
                      "ancestral_sampling", "none", clip_x0=(-0.5, 0.5))
     assert np.all(np.abs(np.asarray(x)) <= 0.5) and np.abs(np.asarray(x)).max() == 0.5
 
