@@ -21,60 +21,76 @@ from sdejax.sde import SDE, check_time
 Array = jax.Array
 
 
-def _gaussian_log_prob(x: Array, means: Array, covs: Array) -> Array:
-    """log N(x; μ_k, C_k) for x (B, d), means (B, K, d), covs (B, K, d, d) -> (B, K)."""
+def _component_terms(x: Array, alpha: Array, sigma: Array, means: Array, eigvals: Array, eigvecs: Array):
+    """Per component k of p_t: log N(x; α μ_k, C_k) (B, K) and C_k⁻¹(x − α μ_k) (B, K, d), with
+    C_k = U_k diag(α² λ_k + σ²) U_kᵀ from the eigendecomposition Σ_k = U_k diag(λ_k) U_kᵀ (no matrix
+    factorisation inside jit: XLA:CPU's batched LAPACK calls can deadlock a 2-thread pool)."""
     d = x.shape[-1]
-    chol = jnp.linalg.cholesky(covs)
-    diff = x[:, None, :] - means
-    sol = jax.scipy.linalg.solve_triangular(chol, diff[..., None], lower=True)[..., 0]
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    return -0.5 * (d * np.log(2 * np.pi) + logdet + jnp.sum(sol**2, axis=-1))
+    a, s = alpha[:, None, None], sigma[:, None, None]
+    var = a**2 * eigvals[None] + s**2  # (B, K, d)
+    diff = x[:, None, :] - a * means[None]  # (B, K, d)
+    proj = jnp.einsum("kij,bki->bkj", eigvecs, diff) / var  # U_kᵀ diff, scaled
+    logp = -0.5 * (d * np.log(2 * np.pi) + jnp.sum(jnp.log(var), -1) + jnp.sum(proj**2 * var, -1))
+    return logp, jnp.einsum("kij,bkj->bki", eigvecs, proj)
 
 
 class GaussianMixture(NamedTuple):
-    """Mixture Σ_k w_k N(μ_k, Σ_k) in R^d: weights (K,), means (K, d), covs (K, d, d). A pytree."""
+    """Mixture Σ_k w_k N(μ_k, Σ_k) in R^d: weights (K,), means (K, d), covs (K, d, d), and the
+    eigendecomposition Σ_k = U_k diag(λ_k) U_kᵀ (eigvals (K, d), eigvecs (K, d, d)). A pytree."""
 
     weights: Array
     means: Array
     covs: Array
+    eigvals: Array
+    eigvecs: Array
 
     @classmethod
     def create(cls, weights, means, covs=None, std: float = 1.0) -> "GaussianMixture":
-        """Build a mixture; `covs` defaults to std² I for every component. Weights are normalised."""
-        means = jnp.atleast_2d(jnp.asarray(means, jnp.float32))
+        """Build a mixture; `covs` defaults to std² I for every component. Weights are normalised;
+        covariances must be symmetric positive semi-definite (decomposed once here, in float64)."""
+        means = np.atleast_2d(np.asarray(means, np.float64))
         k, d = means.shape
-        weights = jnp.asarray(weights, jnp.float32)
+        weights = np.asarray(weights, np.float64)
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape ({k},) to match means {means.shape}; got {weights.shape}")
-        if covs is None:
-            covs = jnp.broadcast_to(std**2 * jnp.eye(d), (k, d, d))
-        covs = jnp.asarray(covs, jnp.float32)
+        if not (np.all(weights >= 0) and weights.sum() > 0):
+            raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+        covs = np.broadcast_to(std**2 * np.eye(d), (k, d, d)) if covs is None else np.asarray(covs, np.float64)
         if covs.shape != (k, d, d):
             raise ValueError(f"covs must have shape ({k}, {d}, {d}); got {covs.shape}")
-        return cls(weights / jnp.sum(weights), means, covs)
+        if not np.allclose(covs, np.swapaxes(covs, -1, -2)):
+            raise ValueError("covs must be symmetric")
+        eigvals, eigvecs = np.linalg.eigh(covs)
+        if np.any(eigvals < -1e-12 * np.abs(eigvals).max(initial=1.0)):
+            raise ValueError(f"covs must be positive semi-definite; smallest eigenvalue {eigvals.min():g}")
+        f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        return cls(f32(weights / weights.sum()), f32(means), f32(covs), f32(np.maximum(eigvals, 0.0)), f32(eigvecs))
 
     @property
     def dim(self) -> int:
         return self.means.shape[-1]
 
     def sample(self, rng: Array, n: int) -> Array:
-        """n draws, shape (n, d)."""
+        """n draws, shape (n, d): μ_k + U_k sqrt(λ_k) z."""
         k_rng, z_rng = jax.random.split(rng)
         comp = jax.random.choice(k_rng, self.weights.shape[0], (n,), p=self.weights)
-        z = jax.random.normal(z_rng, (n, self.dim))
-        chol = jnp.linalg.cholesky(self.covs)[comp]
-        return self.means[comp] + jnp.einsum("nij,nj->ni", chol, z)
+        z = jax.random.normal(z_rng, (n, self.dim)) * jnp.sqrt(self.eigvals[comp])
+        return self.means[comp] + jnp.einsum("nij,nj->ni", self.eigvecs[comp], z)
 
-    def marginal_coeffs_log_prob(self, x: Array, alpha: Array, sigma: Array) -> Array:
-        """log p(x) of the mixture pushed through x ↦ α x + σ z, per example (α, σ of shape (B,))."""
+    def _flat(self, x: Array) -> Array:
         x = jnp.reshape(x, (x.shape[0], -1))
         if x.shape[-1] != self.dim:
             raise ValueError(f"x has {x.shape[-1]} features per example; the mixture has dim {self.dim}")
-        a, s = alpha[:, None, None], sigma[:, None, None]
-        means = a * self.means[None]
-        covs = a[..., None] ** 2 * self.covs[None] + s[..., None] ** 2 * jnp.eye(self.dim)
-        comps = _gaussian_log_prob(x, means, covs)
-        return jax.scipy.special.logsumexp(comps + jnp.log(self.weights), axis=-1)
+        return x
+
+    def marginal_coeffs_log_prob(self, x: Array, alpha: Array, sigma: Array) -> Array:
+        """log p(x) of the mixture pushed through x ↦ α x + σ z, per example (α, σ of shape (B,))."""
+        x = self._flat(x)
+        comps, _ = _component_terms(x, alpha.astype(x.dtype), sigma.astype(x.dtype), *self._params(x.dtype))
+        return jax.scipy.special.logsumexp(comps + jnp.log(self.weights.astype(x.dtype)), axis=-1)
+
+    def _params(self, dtype) -> tuple[Array, Array, Array]:
+        return tuple(v.astype(dtype) for v in (self.means, self.eigvals, self.eigvecs))
 
     def log_prob(self, x: Array) -> Array:
         """log p_0(x) per example, shape (B,)."""
@@ -88,8 +104,13 @@ class GaussianMixture(NamedTuple):
         return self.marginal_coeffs_log_prob(x, alpha, sigma)
 
     def marginal_score(self, sde: SDE, x: Array, t: Array) -> Array:
-        """∇_x log p_t(x), shaped like x."""
-        return jax.grad(lambda y: jnp.sum(self.marginal_log_prob(sde, y, t)))(x)
+        """∇_x log p_t(x) = −Σ_k r_k(x) C_k⁻¹(x − α μ_k), r_k the posterior component weights; shaped like x."""
+        check_time(x, t)
+        flat = self._flat(x)
+        alpha, sigma = (v.astype(flat.dtype) for v in sde.marginal_coeffs(t))
+        comps, solved = _component_terms(flat, alpha, sigma, *self._params(flat.dtype))
+        resp = jax.nn.softmax(comps + jnp.log(self.weights.astype(flat.dtype)), axis=-1)
+        return jnp.reshape(-jnp.einsum("bk,bki->bi", resp, solved), x.shape)
 
     def score_fn(self, sde: SDE):
         """The exact score function `score_fn(x, t)` of this mixture under `sde`."""
