@@ -62,6 +62,7 @@ def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_
 
     config.model = model = ml_collections.ConfigDict()
     model.flax_checkpoint = ''  # a score_sde Flax checkpoint (file or checkpoints/ folder) to start from
+    model.ema_warmup = False  # score_sde's fixed EMA rate (True: diffusers' warm-up, sdejax.training.state.ema_decay)
     model.sigma_min = 0.01
     model.sigma_max = float(sigma_max)
     model.num_scales = num_scales

@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.fourier_scale = 16.0
     model.nonlinearity = "swish"
     model.ema_rate = 0.999
+    model.ema_warmup = True  # decay min(ema_rate, (1+step)/(10+step)) (diffusers' EMAModel)
     model.sigma_min = 0.01
     model.sigma_max = 20.0
     model.num_scales = 1000

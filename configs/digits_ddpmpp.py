@@ -39,6 +39,7 @@ def get_config():
     model.ch_mult = (1, 2, 2)  # 16 -> 8 -> 4
     model.attn_resolutions = (8,)
     model.ema_rate = 0.999
+    model.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): a 300-step run samples digits
     evaluate = config.eval
     evaluate.enable_bpd = True
     evaluate.num_samples = 64

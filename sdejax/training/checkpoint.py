@@ -51,7 +51,8 @@ MAY_CHANGE = (
     "training.snapshot_freq_for_preemption", "training.snapshot_sampling", "training.snapshot_num_samples",
     "training.digits_monitor", "training.keep_checkpoints", "training.n_jitted_steps", "training.unroll_steps",
     "training.parallelism", "training.grad_accum_steps",
-    "optim.lr", "optim.warmup", "optim.grad_clip", "model.ema_rate", "model.flax_checkpoint",
+    "optim.lr", "optim.warmup", "optim.grad_clip", "model.ema_rate", "model.ema_warmup",
+    "model.flax_checkpoint",
     "eval.", "sampling.",
     "data.data_dir", "data.download", "data.num_threads", "data.prefetch", "data.num_workers",
 )

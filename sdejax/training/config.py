@@ -1,13 +1,23 @@
 """Fail-fast checks of an ml_collections config: every section and key must be known (a typo such
-as `training.batchsize` raises with the list of valid keys) and the keys the loop reads must exist.
+as `training.batchsize` raises with the list of valid keys), the keys the loop reads must exist,
+and every size, count, frequency, rate and name the driver reads must be in its valid range
+(`VALUE_RULES`; a message names the key, the range and the value).
 
 The key names are those of score_sde, plus a few sdejax additions (marked below).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
 import ml_collections
 
+from sdejax import likelihood
 from sdejax.sampling import methods
+from sdejax.training import parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "training": {"batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq",
@@ -61,10 +71,125 @@ REQUIRED_KEYS: dict[str, set[str]] = {
 
 # precond/sigma_data/noise_labels: how the network sees (x, t) (sdejax.training.loop.get_precond).
 PRECOND_KEYS = {"precond", "sigma_data", "noise_labels"}
-MLP_MODEL_KEYS = {"name", "ema_rate", "prediction", "features", "depth", "embedding_type", "embedding_size",
-                  "fourier_scale", "nonlinearity", "sigma_min", "sigma_max", "num_scales", "beta_min", "beta_max",
-                  *PRECOND_KEYS}
+MLP_MODEL_KEYS = {"name", "ema_rate", "ema_warmup", "prediction", "features", "depth", "embedding_type",
+                  "embedding_size", "fourier_scale", "nonlinearity", "sigma_min", "sigma_max", "num_scales",
+                  "beta_min", "beta_max", *PRECOND_KEYS}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A valid range: `ok(value)` and how a message states it ("an integer >= 1"); for a name,
+    the valid `names` (the message then reads "unknown <key> 'value'; valid: [...]")."""
+
+    description: str
+    ok: Callable[[Any], bool]
+    names: tuple[str, ...] | None = None
+
+    def error(self, key: str, value: Any) -> ValueError:
+        if self.names is not None:
+            return ValueError(f"unknown {key} {value!r}; valid: {list(self.names)}")
+        return ValueError(f"{key} must be {self.description}; got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(lo: int, meaning: str = "") -> Rule:
+    """An integer >= lo (`meaning` says what a value means, e.g. "0: never")."""
+    return Rule(f"an integer >= {lo}{f' ({meaning})' if meaning else ''}", lambda v: _is_int(v) and v >= lo)
+
+
+def interval(lo: float, hi: float, closed: str = "[]") -> Rule:
+    """A finite real in the interval from lo to hi, `closed` ("[)", "(]", ...) saying which ends belong."""
+    def ok(v: Any) -> bool:
+        above = v >= lo if closed[0] == "[" else v > lo
+        below = v <= hi if closed[1] == "]" else v < hi
+        return _is_real(v) and above and below
+    return Rule(f"in {closed[0]}{lo:g}, {hi:g}{closed[1]}", ok)
+
+
+def one_of(names: tuple[str, ...]) -> Rule:
+    return Rule(f"one of {list(names)}", lambda v: v in names, names)
+
+
+POSITIVE = interval(0.0, math.inf, "()")
+NON_NEGATIVE = interval(0.0, math.inf, "[)")
+FREQUENCY = at_least(0, "0: never")
+BOOL = Rule("True or False", lambda v: isinstance(v, bool))
+
+# key -> rule, checked where the key is present (an absent optional key takes the loop's valid default).
+VALUE_RULES: dict[str, Rule] = {
+    "training.batch_size": at_least(1),
+    "training.n_iters": at_least(1, "the number of training steps"),
+    "training.n_jitted_steps": at_least(1),
+    "training.grad_accum_steps": at_least(1),
+    "training.log_freq": FREQUENCY,
+    "training.eval_freq": FREQUENCY,
+    "training.snapshot_freq": FREQUENCY,
+    "training.snapshot_freq_for_preemption": FREQUENCY,
+    "training.keep_checkpoints": at_least(1),
+    "training.snapshot_num_samples": at_least(1),
+    "training.parallelism": one_of(parallel.PARALLELISM),
+    "training.eps": interval(0.0, 1.0, "()"),
+    "training.p_std": POSITIVE,
+    "sampling.snr": NON_NEGATIVE,
+    "sampling.n_steps_each": at_least(1),
+    "eval.batch_size": at_least(1),
+    "eval.num_samples": at_least(1),
+    "eval.num_probes": at_least(1),
+    "eval.num_bpd_batches": at_least(0, "0: all"),
+    "eval.rtol": NON_NEGATIVE,
+    "eval.atol": NON_NEGATIVE,
+    "eval.divergence": one_of(likelihood.DIVERGENCES),
+    "data.num_heldout": at_least(1),
+    "data.num_train": at_least(0, "0: fresh samples every step"),
+    "model.ema_rate": interval(0.0, 1.0, "[)"),
+    "model.ema_warmup": BOOL,
+    "optim.optimizer": one_of(state.OPTIMIZERS),
+    "optim.lr": POSITIVE,
+    "optim.warmup": at_least(0, "0: no warm-up"),
+    "optim.grad_clip": interval(-math.inf, math.inf, "()"),
+    "optim.beta1": interval(0.0, 1.0, "[)"),
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "seed": Rule("an integer", _is_int),
+}
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key."""
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+        node = node.get(section, {})
+    return name in node, node.get(name)
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first key of `VALUE_RULES` out of its range, or a batch that does
+    not split into `training.grad_accum_steps` microbatches."""
+    for key, rule in VALUE_RULES.items():
+        present, value = _lookup(config, key)
+        if present and not rule.ok(value):
+            raise rule.error(key, value)
+    t = config.training
+    if t.batch_size % t.get("grad_accum_steps", 1):
+        raise ValueError(f"training.batch_size={t.batch_size} must be a multiple of "
+                         f"training.grad_accum_steps={t.grad_accum_steps} (equal microbatches)")
+
+
+def nothing_to_train(step: int, n_iters: int) -> str | None:
+    """The warning for a run whose state is already at (or past) `training.n_iters`, else None."""
+    if step < n_iters:
+        return None
+    return (f"nothing to train: the checkpoint is at step {step} and training.n_iters = {n_iters}; "
+            f"raise training.n_iters to continue training")
 
 
 def _check_keys(where: str, present: set[str], valid: set[str] | None, required: set[str]) -> None:
@@ -84,6 +209,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if section == "model":
             valid = MLP_MODEL_KEYS if config.model.get("name") == "mlp" else None
         _check_keys(section, set(config[section].keys()), valid, required)
-    if not 0.0 <= config.model.ema_rate < 1.0:
-        raise ValueError(f"model.ema_rate must be in [0, 1) (ema <- rate*ema + (1-rate)*params); "
-                         f"got {config.model.ema_rate}")
+    check_values(config)

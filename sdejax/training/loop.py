@@ -310,12 +310,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     loss_fn = get_loss_fn(config, s.sde, s.apply_fn, train=True)
     unroll = t.get("unroll_steps", None)
     unroll = jax.default_backend() == "cpu" if unroll is None else unroll  # see sdejax.training.step
-    train_step = step_lib.make_train_step(loss_fn, s.tx, config.model.ema_rate, grad_accum_steps=accum,
+    train_step = step_lib.make_train_step(loss_fn, s.tx, config.model.ema_rate,
+                                          ema_warmup=config.model.get("ema_warmup", False), grad_accum_steps=accum,
                                           axis_name=parallel.AXIS if s.placement.mode == "pmap" else None,
                                           unroll=unroll)
     multi_step = s.placement.compile(step_lib.make_multi_step(train_step, unroll))
     eval_fn = _eval_loss_fn(config, s)
     state, step = s.placement.replicate(s.state), int(s.state.step)
+    if (idle := config_lib.nothing_to_train(step, t.n_iters)) is not None:
+        logging.warning(idle)
     monitor = make_monitor(config) if t.get("snapshot_sampling", False) and t.snapshot_freq > 0 else None
     writer, watcher = MetricWriter(workdir), preemption.PreemptionWatcher()
     start, last_loss, preempted = time.perf_counter(), None, False

@@ -63,7 +63,19 @@ def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformat
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _trainable_labels)
 
 
-def ema_update(ema: Any, params: Any, rate: float) -> Any:
+def ema_decay(step: Array | int, rate: float, warmup: bool) -> Array | float:
+    """The EMA decay of the update after optimizer step `step` (0 for the first update): `rate`
+    (score_sde's fixed rate), or with `warmup` min(rate, (1 + step)/(10 + step)) as diffusers'
+    EMAModel, so the initial network's weight ∏ decay falls fast (0.1 after the first update).
+
+    A function of the step stored in the train state only, so a resumed run decays identically."""
+    if not warmup:
+        return rate
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(rate, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, params: Any, rate: Array | float) -> Any:
     """ema ← rate·ema + (1 − rate)·params."""
     return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 

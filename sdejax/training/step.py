@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdejax.training.state import TrainState, ema_update
+from sdejax.training.state import TrainState, ema_decay, ema_update
 
 Array = jax.Array
 LossFn = Callable[[Any, Array, dict], tuple[Array, dict]]
@@ -54,8 +54,10 @@ def scan(body: Callable, carry: Any, xs: Any, unroll: bool = False) -> tuple[Any
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate: float, *,
-                    grad_accum_steps: int = 1, axis_name: Optional[str] = None, unroll: bool = False):
-    """One optimizer step: grads of `loss_fn(params, step_rng, batch)`, optax update, EMA update.
+                    ema_warmup: bool = False, grad_accum_steps: int = 1, axis_name: Optional[str] = None,
+                    unroll: bool = False):
+    """One optimizer step: grads of `loss_fn(params, step_rng, batch)`, optax update, EMA update
+    (decay `ema_rate`, or with `ema_warmup` diffusers' warm-up of it: `sdejax.training.state.ema_decay`).
 
     grad = (1/A) Σ_m ∇L(microbatch m) for `grad_accum_steps` = A (equal microbatches, so this is
     the gradient of the batch mean); with `axis_name` (pmap) loss and grads are averaged over it.
@@ -90,8 +92,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        decay = ema_decay(state.step, ema_rate, ema_warmup)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, ema_rate), rng=rng)
+                                  ema_params=ema_update(state.ema_params, params, decay), rng=rng)
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return train_step

@@ -1,0 +1,157 @@
+"""Config values are checked before any work (`check_config`), with the key and its valid range in
+the message; the EMA (fixed rate or diffusers' warm-up) equals its closed form on a known
+parameter trajectory."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from configs_helper import ROOT, load_config, tiny_config
+
+from sdejax.training import config as config_lib
+from sdejax.training import state as state_lib
+from sdejax.training import step as step_lib
+
+INT_1 = r"must be an integer >= 1"
+FREQ = r"must be an integer >= 0 \(0: never\)"
+BAD_VALUES = [
+    ("training.batch_size", 0, rf"training.batch_size {INT_1}; got 0"),
+    ("training.batch_size", -8, rf"training.batch_size {INT_1}; got -8"),
+    ("training.batch_size", 32.0, rf"training.batch_size {INT_1}; got 32.0"),
+    ("training.n_iters", -5, rf"training.n_iters {INT_1} \(the number of training steps\); got -5"),
+    ("training.n_iters", 0, rf"training.n_iters {INT_1} \(the number of training steps\); got 0"),
+    ("training.n_jitted_steps", 0, rf"training.n_jitted_steps {INT_1}; got 0"),
+    ("training.grad_accum_steps", 0, rf"training.grad_accum_steps {INT_1}; got 0"),
+    ("training.grad_accum_steps", 3, r"training.batch_size=32 must be a multiple of training.grad_accum_steps=3"),
+    ("training.log_freq", -1, rf"training.log_freq {FREQ}; got -1"),
+    ("training.eval_freq", -10, rf"training.eval_freq {FREQ}"),
+    ("training.snapshot_freq", 2.5, rf"training.snapshot_freq {FREQ}"),
+    ("training.snapshot_freq_for_preemption", -1, rf"training.snapshot_freq_for_preemption {FREQ}"),
+    ("training.keep_checkpoints", 0, rf"training.keep_checkpoints {INT_1}; got 0"),
+    ("training.snapshot_num_samples", 0, rf"training.snapshot_num_samples {INT_1}"),
+    ("training.parallelism", "dp", r"unknown training.parallelism 'dp'; valid: \['jit', 'pmap'\]"),
+    ("training.eps", 0.0, r"training.eps must be in \(0, 1\); got 0.0"),
+    ("training.eps", 1.5, r"training.eps must be in \(0, 1\); got 1.5"),
+    ("training.p_std", 0.0, r"training.p_std must be in \(0, inf\)"),
+    ("sampling.snr", -0.1, r"sampling.snr must be in \[0, inf\)"),
+    ("sampling.n_steps_each", 0, rf"sampling.n_steps_each {INT_1}"),
+    ("eval.batch_size", 0, rf"eval.batch_size {INT_1}; got 0"),
+    ("eval.num_samples", 0, rf"eval.num_samples {INT_1}; got 0"),
+    ("eval.num_probes", 0, rf"eval.num_probes {INT_1}"),
+    ("eval.num_bpd_batches", -1, r"eval.num_bpd_batches must be an integer >= 0 \(0: all\)"),
+    ("eval.rtol", -1e-5, r"eval.rtol must be in \[0, inf\)"),
+    ("eval.atol", float("nan"), r"eval.atol must be in \[0, inf\); got nan"),
+    ("eval.divergence", "hutchinson", r"unknown eval.divergence 'hutchinson'; valid: \['exact'"),
+    ("data.num_heldout", 0, rf"data.num_heldout {INT_1}"),
+    ("data.num_train", -1, r"data.num_train must be an integer >= 0"),
+    ("model.ema_rate", 1.0, r"model.ema_rate must be in \[0, 1\); got 1.0"),
+    ("model.ema_warmup", "yes", r"model.ema_warmup must be True or False; got 'yes'"),
+    ("optim.optimizer", "SGD", r"unknown optim.optimizer 'SGD'; valid: \['Adam', 'AdamW'\]"),
+    ("optim.lr", 0.0, r"optim.lr must be in \(0, inf\); got 0.0"),
+    ("optim.lr", -1e-3, r"optim.lr must be in \(0, inf\)"),
+    ("optim.lr", float("inf"), r"optim.lr must be in \(0, inf\); got inf"),
+    ("optim.warmup", -1, r"optim.warmup must be an integer >= 0 \(0: no warm-up\)"),
+    ("optim.grad_clip", float("nan"), r"optim.grad_clip must be in \(-inf, inf\)"),
+    ("optim.beta1", 1.0, r"optim.beta1 must be in \[0, 1\); got 1.0"),
+    ("optim.eps", 0.0, r"optim.eps must be in \(0, inf\)"),
+    ("optim.weight_decay", -0.1, r"optim.weight_decay must be in \[0, inf\)"),
+    ("seed", "42", r"seed must be an integer; got '42'"),
+]
+
+
+def _with_value(key: str, value):
+    """The tiny config with `key` replaced by `value` of any type (as a config file may write it;
+    `--config.key=...` overrides are type-checked by ml_collections)."""
+    config = tiny_config()
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    if name in node:
+        del node[name]
+    node[name] = value
+    return config
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+def test_bad_value_names_key_and_range(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.check_config(_with_value(key, value))
+
+
+def test_every_rule_has_a_bad_value_test():
+    assert set(config_lib.VALUE_RULES) == {key for key, _, _ in BAD_VALUES}
+
+
+@pytest.mark.parametrize("key,value", [("training.grad_accum_steps", 4), ("training.snapshot_freq", 0),
+                                       ("optim.grad_clip", -1.0), ("optim.warmup", 0), ("model.ema_rate", 0.0),
+                                       ("training.parallelism", "pmap"), ("seed", -3)])
+def test_edge_values_are_accepted(key, value):
+    config_lib.check_config(tiny_config(**{key: value}))
+
+
+def _shipped_configs() -> list[str]:
+    return sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.py")
+                  if not p.name.startswith("_") and "get_config" in p.read_text())
+
+
+@pytest.mark.parametrize("path", _shipped_configs())
+def test_shipped_configs_pass(path):
+    """Every config under configs/ passes; sdejax's own (toy, digits) warm the EMA up, score_sde's
+    keep its fixed rate."""
+    config = load_config(path)
+    config_lib.check_config(config)
+    own = path.startswith(("toy/", "default_toy", "digits"))
+    assert config.model.get("ema_warmup", False) == own
+
+
+def test_nothing_to_train_says_so():
+    assert config_lib.nothing_to_train(10, 20) is None
+    assert config_lib.nothing_to_train(20, 20) == ("nothing to train: the checkpoint is at step 20 and "
+                                                   "training.n_iters = 20; raise training.n_iters to continue training")
+
+
+def _closed_form_ema(trajectory: np.ndarray, decays: np.ndarray) -> np.ndarray:
+    """ema_K = (∏_j d_j) p_0 + Σ_k (1 − d_{k−1}) ∏_{j ≥ k} d_j p_k, float64 (p_k after k updates)."""
+    k_steps = len(decays)
+    weights = [np.prod(decays)] + [(1 - decays[k - 1]) * np.prod(decays[k:]) for k in range(1, k_steps + 1)]
+    return np.tensordot(np.asarray(weights), trajectory, axes=1)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_equals_closed_form_product_of_decays(warmup):
+    """SGD(lr=1) on loss = Σ c·w moves w by −c each step (p_k = p_0 − k c exactly in float32 for
+    these integers); the scanned steps' EMA equals the closed form with decays d_j = rate
+    (fixed) or min(rate, (1 + j)/(10 + j)) (warm-up), j = the step stored in the state."""
+    rate, k_steps = 0.9, 100  # the warm-up reaches the rate at j = 80
+    p0, c = np.array([3.0, -1.0], np.float32), np.array([1.0, -2.0], np.float32)
+
+    def loss_fn(params, rng, batch):
+        return jnp.sum(params["params"]["w"] * c), {}
+
+    tx = optax.sgd(1.0)
+    params = {"params": {"w": jnp.asarray(p0)}}
+    state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+    train_step = step_lib.make_train_step(loss_fn, tx, rate, ema_warmup=warmup)
+    batches = {"x": jnp.zeros((k_steps, 2, 1))}
+    state, _ = jax.jit(step_lib.make_multi_step(train_step))(state, batches)
+    j = np.arange(k_steps, dtype=np.float64)
+    decays = np.minimum(rate, (1 + j) / (10 + j)) if warmup else np.full(k_steps, rate)
+    trajectory = p0[None] - np.arange(k_steps + 1)[:, None] * c[None]
+    np.testing.assert_array_equal(np.asarray(state.params["params"]["w"]), trajectory[-1])
+    np.testing.assert_allclose(np.asarray(state.ema_params["params"]["w"]), _closed_form_ema(trajectory, decays),
+                               rtol=1e-5)
+
+
+def test_warmup_forgets_the_initial_network():
+    """The initial network's weight in the EMA after 300 steps at rate 0.999: 0.999³⁰⁰ ≈ 74 %
+    without warm-up; with it ∏ (1 + j)/(10 + j) = 9!·300!/309! < 1e-16; early decays as diffusers'."""
+    fixed = math.prod(float(state_lib.ema_decay(j, 0.999, False)) for j in range(300))
+    warm = math.prod(float(state_lib.ema_decay(j, 0.999, True)) for j in range(300))
+    assert abs(fixed - 0.741) < 1e-3
+    assert warm == pytest.approx(math.factorial(9) * math.factorial(300) / math.factorial(309), rel=1e-4)
+    assert warm < 1e-16
+    assert float(state_lib.ema_decay(0, 0.999, True)) == pytest.approx(0.1)
+    assert float(state_lib.ema_decay(10**6, 0.999, True)) == pytest.approx(0.999)
