@@ -27,6 +27,7 @@ import os
 import pathlib
 import socket
 import sys
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -97,6 +98,15 @@ def _write(fd: int, text: str) -> None:
     os.fsync(fd)
 
 
+def _holder_record(fd: int, wait_s: float = 5.0) -> Optional[dict]:
+    """The holder's record; a holder that has just taken the flock writes it a moment later, so an
+    empty record is re-read for up to `wait_s` before the holder is called "starting"."""
+    deadline = time.monotonic() + wait_s
+    while not (holder := _read(fd)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return holder
+
+
 class WorkdirLock:
     """The lock of `workdir` (acquire/release, or a context manager)."""
 
@@ -123,7 +133,7 @@ class WorkdirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read(fd)
+            holder = _holder_record(fd)
             raise WorkdirLockedError(self._held_message(describe(holder) if holder else "a process that is "
                                                         "starting")) from None
         except OSError as e:
