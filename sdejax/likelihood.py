@@ -34,7 +34,8 @@ import numpy as np
 
 from sdejax.sampling.common import check_eps, per_example_sum
 from sdejax.sampling.diffrax_utils import (
-    ODE_SOLVERS, SolverLike, count_evaluations, flow_drift, get_solver, step_control,
+    ODE_SOLVERS, SolverLike, check_outcome, check_tolerances, count_evaluations, failed_as_nan, flow_drift, get_solver, outcome,
+    step_control,
 )
 from sdejax.sampling.loop import batch_time, check_x, score_pytree
 from sdejax.sde import SDE, ScoreFn
@@ -98,8 +99,11 @@ def log_likelihood(
         raise ValueError(f"x must have shape (batch, ...features); got {x.shape}")
     solver = get_solver(solver, ODE_SOLVERS, "tsit5")
     eps = check_eps(sde, max(1e-5, sde.t_min) if eps is None else eps)
-    return _log_likelihood(score_pytree(score_fn), rng, x, rtol, atol, eps,
-                           sde=sde, divergence=divergence, num_probes=num_probes, solver=solver)
+    rtol, atol = check_tolerances(rtol, atol)
+    logp, z, nfe, result = _log_likelihood(score_pytree(score_fn), rng, x, rtol, atol, eps,
+                                           sde=sde, divergence=divergence, num_probes=num_probes, solver=solver)
+    check_outcome(result, "log_likelihood", int(x.shape[0]), nfe)
+    return logp, z, nfe
 
 
 @jax.jit(static_argnames=("sde", "divergence", "num_probes", "solver"))
@@ -119,7 +123,9 @@ def _log_likelihood(score_fn, rng, x, rtol, atol, eps, *, sde, divergence, num_p
     sol = diffrax.diffeqsolve(diffrax.ODETerm(augmented), solver, y0=(x, jnp.zeros(x.shape[:1], x.dtype)),
                               **step_control(t0, t1, None, rtol, atol))
     z, integral = (leaf[-1] for leaf in sol.ys)
-    return sde.prior_logp(z) + integral, z, count_evaluations(solver, sol.stats)
+    result = outcome(sol)
+    logp, z = failed_as_nan(result, sde.prior_logp(z) + integral, z)
+    return logp, z, count_evaluations(solver, sol.stats), result
 
 
 def dequantize(rng: Array, pixels: Array, n_bits: int = 8, data_range: tuple[float, float] = (0.0, 1.0)) -> Array:

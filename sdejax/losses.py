@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdejax.precond import Precond, lognormal_sigmas
+from sdejax.sampling.loop import check_batch_axis
 from sdejax.score import from_eps, resolve_precond
 from sdejax.sde import SDE, batch_broadcast
 
@@ -65,6 +66,7 @@ def _eps_scale(prediction: str, alpha: Array, sigma: Array) -> Array:
 def _check_batch(batch: dict) -> Array:
     if "x" not in batch:
         raise ValueError(f"batch must be a dict with key 'x'; got keys {sorted(batch)}")
+    check_batch_axis("batch['x']", jnp.shape(batch["x"]))
     return batch["x"]
 
 

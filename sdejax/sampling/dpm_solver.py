@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sdejax.sampling.common import check_number
 from sdejax.sampling.loop import batch_time
 from sdejax.score import tweedie_x0
 from sdejax.sde import SDE, ScoreFn
@@ -181,8 +182,7 @@ class DPMSolverPP:
 
     def __post_init__(self):
         check_order(self.order, (1, 2, 3))
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0; got {self.eta!r}")
+        check_number("eta", self.eta)
 
     def init(self, sde: SDE, score_fn: ScoreFn, x: Array, ts: Array) -> tuple[Array, Plan]:
         plan, _ = multistep_plan(sde, ts, self.order, self.lower_order_final,

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sdejax.sampling.common import check_number
 from sdejax.sampling.dpm_solver import denoised_final, x0_at
 from sdejax.sde import SDE, ScoreFn
 
@@ -67,9 +68,7 @@ class HeunSolver:
 
     def __post_init__(self):
         for name in ("s_churn", "s_tmin", "s_noise"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+            check_number(name, getattr(self, name))
         if not self.s_tmax >= self.s_tmin:
             raise ValueError(f"s_tmax must be >= s_tmin; got s_tmax = {self.s_tmax!r} < s_tmin = {self.s_tmin!r}")
 

@@ -14,6 +14,12 @@ score evaluation), chosen statically so no higher-order formula ever sees λ = �
 denoise)` is the exact number of score evaluations. Keys: step i uses fold_in(rng, i), the final
 step fold_in(rng, n − 1).
 
+Non-finite values are watched at no extra score evaluation: the scan carries the first state index k
+(0: x_T, i + 1: after step i, n: the output) at which some example is non-finite and how many are,
+and `sample_loop` raises `NonFiniteError` naming the step, its times and the count (one isfinite
+reduction of the state per step; a NaN score makes its examples' state NaN, so this catches it).
+Inside the caller's own jit nothing can be raised: the NaN stays in the samples.
+
 `score_fn` enters the compiled program as a pytree (`score_pytree`): a `jax.tree_util.Partial`
 whose arguments are network parameters reuses the program for new parameters.
 """
@@ -30,6 +36,11 @@ from sdejax.sde import SDE, ScoreFn
 
 Array = jax.Array
 Callback = Callable[[int, Array, Array], None]
+Watch = tuple[Array, Array]  # (first state index with a non-finite example or −1, how many there)
+
+
+class NonFiniteError(FloatingPointError):
+    """A sampler or the likelihood met a non-finite score or state (the message says where, how many)."""
 
 
 class Solver(Protocol):
@@ -59,16 +70,58 @@ def batch_time(t: Array, x: Array) -> Array:
     return jnp.full(x.shape[:1], t, x.dtype)
 
 
+def check_batch_axis(name: str, shape: tuple[int, ...]) -> None:
+    """A ValueError naming `name` unless `shape` has a non-empty leading batch axis."""
+    if len(shape) < 1 or shape[0] < 1:
+        raise ValueError(f"{name} must have a non-empty leading batch axis; got shape {tuple(shape)}")
+
+
 def check_x(name: str, x: Array, shape: tuple[int, ...] | None = None) -> Array:
     """`x` as a floating array with a leading batch axis (and of `shape` when given), else a ValueError naming it."""
     x = jnp.asarray(x)
-    if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"{name} must have a non-empty leading batch axis; got shape {x.shape}")
+    check_batch_axis(name, x.shape)
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating array; got dtype {x.dtype}")
     return x
+
+
+def nonfinite_examples(y) -> Array:
+    """(batch,) bool: which examples hold a non-finite value in any leaf of `y` (leading batch axes)."""
+    leaves = jax.tree_util.tree_leaves(y)
+    flags = [jnp.any(~jnp.isfinite(jnp.reshape(leaf, (leaf.shape[0], -1))), axis=-1) for leaf in leaves]
+    return functools.reduce(jnp.logical_or, flags)
+
+
+def _watch(watch: Watch, k, x: Array) -> Watch:
+    """`watch` updated with state index k: the first index with a non-finite example is kept."""
+    count = jnp.sum(nonfinite_examples(x), dtype=jnp.int32)
+    first = (watch[0] < 0) & (count > 0)
+    return jnp.where(first, jnp.asarray(k, jnp.int32), watch[0]), jnp.where(first, count, watch[1])
+
+
+def is_traced(tree) -> bool:
+    """Whether `tree` holds tracers (a sampler called inside the caller's own jit: nothing can be raised)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _raise_nonfinite(watch: Watch, ts, batch: int) -> None:
+    """`NonFiniteError` naming the step, its times and the count of `_run`'s watch, if it saw any
+    (not under the caller's jit, where the NaN stays in the samples)."""
+    if is_traced(watch):
+        return
+    k, count = (int(v) for v in jax.device_get(watch))
+    if k < 0:
+        return
+    ts, n = [float(t) for t in jax.device_get(ts)], int(ts.shape[0])
+    if k == 0:
+        where = "in x_T"
+    elif k < n:
+        where = f"at step {k} of {n - 1} (t = {ts[k - 1]:.4g} -> {ts[k]:.4g})"
+    else:
+        where = f"in the final step (from t = {ts[-1]:.4g})"
+    raise NonFiniteError(f"non-finite score or state {where} in {count} of {batch} examples")
 
 
 def _emit(callback: Callback, i, t, x) -> None:
@@ -79,20 +132,21 @@ def _emit(callback: Callback, i, t, x) -> None:
 def _run(score_fn, rng, x, ts, *, solver, sde, denoise, trajectory, callback):
     ts = ts.astype(x.dtype)
     state = solver.init(sde, score_fn, x, ts)
+    watch = _watch((jnp.int32(-1), jnp.int32(0)), 0, x)
 
     def body(carry, i):
-        x, state = carry
+        x, state, watch = carry
         x, state = solver.step(sde, score_fn, jax.random.fold_in(rng, i), state, x, i, ts)
         if callback is not None:
             jax.debug.callback(functools.partial(_emit, callback), i + 1, ts[i + 1], x, ordered=True)
-        return (x, state), (x if trajectory else None)
+        return (x, state, _watch(watch, i + 1, x)), (x if trajectory else None)
 
     if ts.shape[0] > 1:
-        (x, state), xs = jax.lax.scan(body, (x, state), jnp.arange(ts.shape[0] - 1))
+        (x, state, watch), xs = jax.lax.scan(body, (x, state, watch), jnp.arange(ts.shape[0] - 1))
     else:  # no step: `step` is never traced (a solver's per-step arrays would be empty)
         xs = jnp.zeros((0, *x.shape), x.dtype) if trajectory else None
     out = solver.final(sde, score_fn, jax.random.fold_in(rng, ts.shape[0] - 1), state, x, ts, denoise)
-    return (out, xs) if trajectory else out
+    return out, xs, _watch(watch, ts.shape[0], out)
 
 
 def sample_loop(
@@ -110,13 +164,14 @@ def sample_loop(
     `trajectory` (xs[k] is the state at ts[k + 1], shape `(n − 1, *x_T.shape)`).
 
     `callback(i, t_i, x_i)` is called on the host after every step (i = 1 … n−1). Everything runs in
-    the dtype of `x_T`.
+    the dtype of `x_T`. A non-finite x_T, state or output raises `NonFiniteError` (module docstring).
     """
     x_T = check_x("x_T", x_T)
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 1:
         raise ValueError(f"ts must be a 1-D grid of at least one time; got shape {ts.shape}")
-    out = _run(score_pytree(score_fn), rng, x_T, ts, solver=solver, sde=sde, denoise=bool(denoise),
-               trajectory=bool(trajectory), callback=callback)
+    out, xs, watch = _run(score_pytree(score_fn), rng, x_T, ts, solver=solver, sde=sde, denoise=bool(denoise),
+                          trajectory=bool(trajectory), callback=callback)
+    _raise_nonfinite(watch, ts, int(x_T.shape[0]))
     nfe = solver.nfe(int(ts.shape[0]), bool(denoise))
-    return (*out, nfe) if trajectory else (out, nfe)
+    return (out, xs, nfe) if trajectory else (out, nfe)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from sdejax.sampling import grids
 from sdejax.sampling.common import check_eps, initial_x
 from sdejax.sampling.diffrax_utils import (
-    GRID_ODE_SOLVERS, ODE_SOLVERS, SolverLike, count_evaluations, flow_drift, get_solver, step_control,
+    GRID_ODE_SOLVERS, ODE_SOLVERS, Outcome, SolverLike, check_outcome, check_tolerances, count_evaluations,
+    failed_as_nan, flow_drift, get_solver, outcome, step_control,
 )
 from sdejax.sampling.loop import batch_time, check_x, score_pytree
 from sdejax.score import tweedie_x0
@@ -43,16 +44,17 @@ def _grid(sde: SDE, ts):
     return jnp.asarray(ts)
 
 
-def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0, t1, ts, solver, rtol, atol) -> tuple[Array, Array]:
+def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0, t1, ts, solver, rtol, atol) -> tuple[Array, Array, Outcome]:
     """The probability-flow ODE from `x` at t0 to t1 (either direction), or along the grid `ts`
-    (its own direction) -> (x at the end, nfe)."""
+    (its own direction) -> (x at the end, nfe, outcome for `check_outcome`)."""
     drift = flow_drift(sde, score_fn)
     ts = None if ts is None else ts.astype(x.dtype)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: drift(y, batch_time(t, y))), solver, y0=x,
         **step_control(jnp.asarray(t0, x.dtype), jnp.asarray(t1, x.dtype), ts, rtol, atol),
     )
-    return sol.ys[-1], count_evaluations(solver, sol.stats)
+    result = outcome(sol, ts)
+    return *failed_as_nan(result, sol.ys[-1]), count_evaluations(solver, sol.stats), result
 
 
 def ode_sample(
@@ -80,17 +82,20 @@ def ode_sample(
     """
     grid = _grid(sde, ts)
     eps = check_eps(sde, eps) if grid is None else float(grid[-1])
+    rtol, atol = check_tolerances(rtol, atol)
     z = initial_x(sde, rng, shape, z, dtype, name="z")
-    return _sample(score_pytree(score_fn), z, eps, grid, rtol, atol,
-                   sde=sde, solver=_solver(solver, ts), denoise=bool(denoise))
+    x, nfe, result = _sample(score_pytree(score_fn), z, eps, grid, rtol, atol,
+                             sde=sde, solver=_solver(solver, ts), denoise=bool(denoise))
+    check_outcome(result, "ode_sample", int(z.shape[0]), nfe)
+    return x, nfe
 
 
 @jax.jit(static_argnames=("sde", "solver", "denoise"))
 def _sample(score_fn, z, eps, ts, rtol, atol, *, sde, solver, denoise):
-    x, nfe = solve_flow(sde, score_fn, z, sde.T, eps, ts, solver, rtol, atol)
+    x, nfe, result = solve_flow(sde, score_fn, z, sde.T, eps, ts, solver, rtol, atol)
     if denoise:
-        return tweedie_x0(sde, score_fn, x, batch_time(eps, x)), nfe + 1
-    return x, nfe
+        return tweedie_x0(sde, score_fn, x, batch_time(eps, x)), nfe + 1, result
+    return x, nfe, result
 
 
 def ode_encode(
@@ -112,8 +117,11 @@ def ode_encode(
     x = check_x("x", x)
     grid = _grid(sde, ts)
     eps = check_eps(sde, eps) if grid is None else float(grid[-1])
-    return _encode(score_pytree(score_fn), x, eps, None if grid is None else grid[::-1], rtol, atol,
-                   sde=sde, solver=_solver(solver, ts))
+    rtol, atol = check_tolerances(rtol, atol)
+    z, nfe, result = _encode(score_pytree(score_fn), x, eps, None if grid is None else grid[::-1], rtol, atol,
+                             sde=sde, solver=_solver(solver, ts))
+    check_outcome(result, "ode_encode", int(x.shape[0]), nfe)
+    return z, nfe
 
 
 @jax.jit(static_argnames=("sde", "solver"))

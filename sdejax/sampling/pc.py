@@ -44,7 +44,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sdejax.sampling.common import Clip, check_clip, check_int, clipped_x0, initial_x, per_example_norm, time_grid
+from sdejax.sampling.common import Clip, check_clip, check_int, check_number, clipped_x0, initial_x, per_example_norm, time_grid
 from sdejax.sampling.ddim import ddim_step
 from sdejax.sampling.loop import Callback, batch_time, sample_loop
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
@@ -231,7 +231,7 @@ def make_pc(
         raise ValueError(f"unknown langevin_norm {langevin_norm!r}; valid: {list(LANGEVIN_NORMS)}")
     clip_x0 = check_clip(clip_x0)
     return PC(_named("predictor", predictor, _PREDICTORS, bool(probability_flow), clip_x0),
-              _named("corrector", corrector, _CORRECTORS, float(snr), langevin_norm),
+              _named("corrector", corrector, _CORRECTORS, check_number("snr", snr), langevin_norm),
               check_int("n_steps", n_steps, 1), clip_x0, ending)
 
 

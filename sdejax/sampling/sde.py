@@ -36,7 +36,9 @@ import lineax
 import optimistix
 
 from sdejax.sampling.common import check_eps, initial_x
-from sdejax.sampling.diffrax_utils import SolverLike, count_evaluations, get_solver, step_control
+from sdejax.sampling.diffrax_utils import (
+    SolverLike, check_outcome, check_tolerances, count_evaluations, failed_as_nan, get_solver, outcome, step_control,
+)
 from sdejax.sampling.loop import batch_time, score_pytree
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
@@ -84,10 +86,14 @@ def sde_sample(
     if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be None (adaptive) or a positive int; got {num_steps!r}")
     eps = check_eps(sde, eps)
+    rtol, atol = check_tolerances(rtol, atol)
     solver = get_solver(solver, SDE_SOLVERS, "euler" if num_steps else "spark")
     prior_rng, path_rng = jax.random.split(rng)
     x = initial_x(sde, prior_rng, shape, x_T, dtype)
-    return _sample(score_pytree(score_fn), path_rng, x, eps, rtol, atol, sde=sde, solver=solver, num_steps=num_steps)
+    x, nfe, result = _sample(score_pytree(score_fn), path_rng, x, eps, rtol, atol, sde=sde, solver=solver,
+                             num_steps=num_steps)
+    check_outcome(result, "sde_sample", int(x.shape[0]), nfe)
+    return x, nfe
 
 
 @jax.jit(static_argnames=("sde", "solver", "num_steps"))
@@ -103,13 +109,15 @@ def _sample(score_fn, path_rng, x, eps, rtol, atol, *, sde, solver, num_steps):
         return lineax.DiagonalLinearOperator(jnp.broadcast_to(batch_broadcast(g, y), y.shape))
 
     levy_area = _levy_area(solver)
+    grid = None if num_steps is None else jnp.linspace(0.0, t_end, num_steps + 1)
     if num_steps is None:
         path = diffrax.VirtualBrownianTree(0.0, t_end, BROWNIAN_TOL * t_end, x.shape, path_rng, levy_area)
         kwargs = step_control(jnp.zeros((), x.dtype), t_end, None, rtol, atol, optimistix.rms_norm)
     else:
         path = diffrax.UnsafeBrownianPath(x.shape, path_rng, levy_area)
-        kwargs = dict(step_control(None, None, jnp.linspace(0.0, t_end, num_steps + 1), None, None),
+        kwargs = dict(step_control(None, None, grid, None, None),
                       adjoint=diffrax.ForwardMode())
     terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(diffusion, path))
     sol = diffrax.diffeqsolve(terms, solver, y0=x, **kwargs)
-    return sol.ys[-1], count_evaluations(solver, sol.stats)
+    result = outcome(sol, grid, lambda s: sde.T - s)
+    return *failed_as_nan(result, sol.ys[-1]), count_evaluations(solver, sol.stats), result
