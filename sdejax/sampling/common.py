@@ -59,8 +59,9 @@ def check_number(name: str, value: Any, minimum: float = 0.0) -> float:
 
 
 def memory_bytes() -> int:
-    """Memory of the default device: its allocator's limit (GPU/TPU), or the host's physical memory (CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Memory of this process's first device: its allocator's limit (GPU/TPU), or the host's physical
+    memory (CPU). A local device: on a multi-process run `jax.devices()[0]` may belong to another host."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     return int(stats.get("bytes_limit", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
 
 
