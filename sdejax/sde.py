@@ -164,6 +164,14 @@ def _check_steps(n: int) -> None:
         raise ValueError(f"N must be an integer >= 1; got {n}")
 
 
+def _check_sigma_range(sigma_min: float, sigma_max: float, n: int) -> None:
+    """0 < σ_min < σ_max and N ≥ 1 (the VE-type schedules)."""
+    _positive("sigma_min", sigma_min)
+    if not sigma_max > sigma_min:
+        raise ValueError(f"sigma_max must exceed sigma_min; got {sigma_max} <= {sigma_min}")
+    _check_steps(n)
+
+
 def smld_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
     """The SMLD noise levels σ_i = exp(linspace(log σ_min, log σ_max, N)), ascending, float64.
 
@@ -185,10 +193,7 @@ class VESDE(SDE):
     N: int = 1000
 
     def __post_init__(self):
-        _positive("sigma_min", self.sigma_min)
-        if not self.sigma_max > self.sigma_min:
-            raise ValueError(f"sigma_max must exceed sigma_min; got {self.sigma_max} <= {self.sigma_min}")
-        _check_steps(self.N)
+        _check_sigma_range(self.sigma_min, self.sigma_max, self.N)
 
     @functools.cached_property
     def discrete_sigmas(self) -> np.ndarray:
@@ -415,10 +420,7 @@ class EDMSDE(SDE):
     N: int = 1000
 
     def __post_init__(self):
-        _positive("sigma_min", self.sigma_min)
-        if not self.sigma_max > self.sigma_min:
-            raise ValueError(f"sigma_max must exceed sigma_min; got {self.sigma_max} <= {self.sigma_min}")
-        _check_steps(self.N)
+        _check_sigma_range(self.sigma_min, self.sigma_max, self.N)
 
     @property
     def T(self) -> float:

@@ -3,7 +3,6 @@
 All runs share one tiny config (an MLP of width 16), so the jitted steps compile once (and hit the
 persistent cache afterwards).
 """
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -17,31 +16,7 @@ from sdejax import cli
 from sdejax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-N = 10  # steps per phase; checkpoints, logs and dispatches every N steps
-
-
-def default_config():
-    spec = importlib.util.spec_from_file_location("default_toy", ROOT / "configs" / "default_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-TINY = {
-    "training.batch_size": 32, "training.n_iters": 2 * N, "training.n_jitted_steps": N, "training.log_freq": N,
-    "training.eval_freq": N, "training.snapshot_freq": N, "training.snapshot_freq_for_preemption": N,
-    "model.features": 16, "model.depth": 1, "model.embedding_size": 16, "model.num_scales": 25,
-    "data.num_heldout": 64, "eval.num_samples": 64, "eval.batch_size": 64, "eval.enable_bpd": False,
-    "optim.warmup": 0, "eval.after_training": False,
-}
-
-
-def tiny_config(**overrides):
-    config = default_config()
-    for key, value in {**TINY, **overrides}.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+from configs_helper import N, TINY, load_config, tiny_config  # noqa: E402,F401  (TINY, tiny_config re-used)
 
 
 def _leaves(state):
@@ -176,7 +151,7 @@ def test_quick_start_reaches_true_entropy(tmp_path):
     draws of the true density (SE ≈ 0.002). The held-out mean over 5000 points has SE ≈ 0.011, so
     0.05 leaves ≥ 4 SE for noise once the model's KL gap is ≲ 0.005 bits/dim. The ODE tolerance is
     loosened to 1e-3: halving it down to 1e-5 moved the mean by 3e-4 bits/dim (measured), ≪ 0.05."""
-    config = default_config()
+    config = load_config("default_toy.py")
     config.eval.enable_sampling = False
     config.eval.rtol = config.eval.atol = 1e-3
     metrics = loop.train(config, tmp_path)
