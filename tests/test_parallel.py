@@ -120,7 +120,7 @@ def test_two_processes_match_one_process(reference, tmp_path):
         cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outs):
+    for p, (_, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-4000:]
     stdout = outs[0][0]  # process 0 prints the result (after gloo's connection messages)
     assert json.loads(stdout[stdout.index("{"):])["steps"] == STEPS and "{" not in outs[1][0]
