@@ -24,13 +24,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs_helper import TINY, tiny_config
+from helpers import ROOT, assert_states_equal, run_cli, subprocess_env
 from sdejax.training import checkpoint, integrity, loop, workdir_lock
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_parallel import subprocess_env  # noqa: E402
-from test_training import TINY, _cli, assert_states_equal, tiny_config  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = (10, 20, 30)
 OVERRIDES = {"training.n_iters": 30, "training.keep_checkpoints": 3, "training.eval_freq": 0}
 IN_FLIGHT = "99.orbax-checkpoint-tmp"  # stands for another process's save being written
@@ -310,7 +307,7 @@ def test_sample_mode_with_a_changed_sde_is_refused_unless_allowed(straight, tmp_
         loop.sample(changed, workdir)
     settings = {**TINY, **OVERRIDES, "model.beta_max": 5.0, "eval.num_samples": 8}
     flags = [f"--config.{k}={v}" for k, v in settings.items()]
-    _cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--allow_config_change=model.beta_max", *flags)
+    run_cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--allow_config_change=model.beta_max", *flags)
     assert np.load(workdir / "samples" / "samples_30.npz")["samples"].shape == (8, 2)
     capsys.readouterr()
 

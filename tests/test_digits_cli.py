@@ -8,7 +8,6 @@ the number of hosts.
 """
 import json
 import math
-import pathlib
 import subprocess
 import sys
 
@@ -16,14 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_inception import regenerate_state_dict  # noqa: E402
-from test_parallel import free_port, subprocess_env  # noqa: E402
-from test_training import _cli  # noqa: E402
+from helpers import ROOT, free_port, run_cli, subprocess_env
+from inception_helper import regenerate_state_dict
+from sdejax.evaluation import inception_weights, metrics, stats_file
 
-from sdejax.evaluation import inception_weights, metrics, stats_file  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "digits_ddpmpp.py"
 TINY = {"training.n_iters": 2, "training.n_jitted_steps": 1, "training.batch_size": 8, "training.log_freq": 1,
         "training.eval_freq": 2, "training.snapshot_freq": 2, "training.snapshot_num_samples": 4,
@@ -36,7 +31,7 @@ def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys, fixtures_dir):
     workdir = tmp_path / "run"
     flags = [f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}",
              *(f"--config.{k}={v}" for k, v in TINY.items())]
-    _cli(monkeypatch, *flags, "--mode=train", config=CONFIG)
+    run_cli(monkeypatch, *flags, "--mode=train", config=CONFIG)
     data_state = json.loads((workdir / "checkpoints" / "2" / "data" / "metadata").read_text())
     assert data_state == {"next_index": 2}  # the grain iterator's position is checkpointed
     log = [json.loads(line) for line in (workdir / "train_log.jsonl").read_text().splitlines()]
@@ -50,13 +45,13 @@ def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys, fixtures_dir):
     monitored = [r for r in log if "samples/digits_frechet_distance" in r]
     assert [r["step"] for r in monitored] == [2] and monitored[0]["samples/digits_frechet_distance"] > 0
 
-    _cli(monkeypatch, *flags, "--mode=eval", config=CONFIG)
+    run_cli(monkeypatch, *flags, "--mode=eval", config=CONFIG)
     bpd = json.loads((workdir / "eval_metrics.json").read_text())["heldout"]
     # Any density on [-1, 1]^D: bits/dim = −log2 p/D − 1 + log2 17 (data_range (−1, 1), 17 levels);
     # an untrained network's is finite and above 0; one batch of 10 test digits.
     assert bpd["num_points"] == 10 and math.isfinite(bpd["bits_per_dim"]) and bpd["bits_per_dim"] > 0
 
-    _cli(monkeypatch, *flags, "--mode=sample", config=CONFIG)
+    run_cli(monkeypatch, *flags, "--mode=sample", config=CONFIG)
     samples = np.load(workdir / "samples" / "samples_2.npz")["samples"]
     assert samples.shape == (4, 16, 16, 1) and np.all(np.isfinite(samples))
     assert (workdir / "samples" / "samples_2.png").is_file()
@@ -67,10 +62,10 @@ def test_digits_train_eval_sample(tmp_path, monkeypatch, capsys, fixtures_dir):
     # 25 samples in batches of 10 (the last one trimmed); KID on the first 15 of them.
     fid_flags = [*flags, f"--config.eval.inception_weights={weights}", "--config.eval.fid_num_samples=20",
                  "--config.eval.num_samples=25", "--config.eval.kid_features=15", "--config.eval.enable_sampling=True"]
-    _cli(monkeypatch, *fid_flags, "--mode=fid_stats", config=CONFIG)
+    run_cli(monkeypatch, *fid_flags, "--mode=fid_stats", config=CONFIG)
     stats = np.load(workdir / "fid_stats" / "digits_train.npz")
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
-    _cli(monkeypatch, *fid_flags, "--mode=eval", config=CONFIG)
+    run_cli(monkeypatch, *fid_flags, "--mode=eval", config=CONFIG)
     one = json.loads((workdir / "eval" / "fid_2.json").read_text())
     one_stats = stats_file.load_stats(workdir / "eval" / "fid_2_stats.npz")
     assert one["n_samples"] == 25 and math.isfinite(one["fid"]) and one["fid"] >= 0

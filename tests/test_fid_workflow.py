@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import threadpoolctl
 
+from inception_helper import regenerate_state_dict
 from sdejax.data import datasets, digits
 from sdejax.data.pipeline import Pipeline
 from sdejax.evaluation import inception, inception_weights, metrics, workflow
 from sdejax.evaluation.features import inception_feature_fn
-from test_inception import regenerate_state_dict
 
 BATCH = 8
 NUM_REF = 16

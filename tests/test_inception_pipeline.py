@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
+from inception_helper import regenerate_state_dict
 from sdejax.evaluation import evaluate, inception, stats, stats_file
-from test_inception import regenerate_state_dict
 
 BATCH = 4
 

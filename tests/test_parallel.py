@@ -12,9 +12,7 @@ rounding noise; over 8 steps each coordinate moves at most 8 lr = 0.016, so para
 with atol 1e-5 (≈ 0.1% of one step) and rtol 1e-4; losses (means of 32 values) with rtol 1e-5.
 """
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,12 +21,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs_helper import TINY, tiny_config
+from helpers import ROOT, free_port, subprocess_env
 from sdejax.training import loop
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_training import tiny_config  # noqa: E402  (the shared tiny MLP config)
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 8
 OVERRIDES = {"training.n_iters": STEPS, "training.n_jitted_steps": 2, "training.log_freq": 2,
              "training.eval_freq": 0, "training.snapshot_freq": 0, "training.snapshot_freq_for_preemption": 0,
@@ -43,15 +39,6 @@ VARIANTS = {  # name -> overrides, run on 8 emulated devices
 
 def config(**extra):
     return tiny_config(**{**OVERRIDES, **extra})
-
-
-def subprocess_env(**extra) -> dict:
-    """Environment for a child JAX process: the test cache (conftest's settings), CPU only."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
-               JAX_COMPILATION_CACHE_DIR=os.environ.get("SDEJAX_TEST_CACHE", str(ROOT / ".jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env.update(extra)
-    return env
 
 
 def trajectory(workdir: pathlib.Path) -> np.ndarray:
@@ -103,12 +90,6 @@ def test_eight_devices_match_one_device(reference, tmp_path):
         assert_close(reference, config(), tmp_path / name, config(**extra))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(reference, tmp_path):
     """The CLI on two processes (one CPU device each, gloo collectives), each feeding its own half
     of every batch, writes the same checkpoint as one process."""
@@ -128,5 +109,4 @@ def test_two_processes_match_one_process(reference, tmp_path):
 
 
 def _tiny_flags() -> dict:
-    from test_training import TINY
     return {k: v for k, v in TINY.items() if k not in OVERRIDES}

@@ -2,7 +2,6 @@
 each time, ends bitwise equal to an uninterrupted run (CPU); a half-written checkpoint is never
 loaded; a checkpoint restored into a changed config names the changed parameter.
 """
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -13,13 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from configs_helper import tiny_config
+from helpers import ROOT, assert_states_equal, subprocess_env
 from sdejax.training import loop
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_parallel import subprocess_env  # noqa: E402
-from test_training import assert_states_equal, tiny_config  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 OVERRIDES = {"training.n_iters": 60, "training.n_jitted_steps": 5, "training.log_freq": 10,
              "training.eval_freq": 0, "training.snapshot_freq": 30, "training.snapshot_freq_for_preemption": 10,
              "training.keep_checkpoints": 1}

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
+from helpers import ROOT, subprocess_env
 from sdejax.likelihood import log_likelihood
 from sdejax.sampling import grids
 from sdejax.sampling.ddim import ddim_sample
@@ -32,7 +33,6 @@ from sdejax.sampling.ode import ode_encode, ode_sample
 from sdejax.sampling.pc import EulerMaruyama, Langevin, pc_nfe, pc_sample
 from sdejax.sampling.sde import sde_sample
 from sdejax.sde import VESDE, VPSDE
-from test_parallel import ROOT, subprocess_env
 
 MU = np.array([0.5, -1.0])
 COV = np.array([[1.0, 0.6], [0.6, 0.8]])
@@ -228,7 +228,7 @@ MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from sdejax.sampling.pc import pc_sample
     from sdejax.sde import VESDE
-    from test_sampling_pc import gaussian_score
+    from gaussian_oracle import gaussian_score
     assert jax.device_count() == 8 and jax.config.jax_enable_x64, jax.devices()
     sde = VESDE(sigma_min=0.01, sigma_max=20.0, N=10)
     score = gaussian_score(sde, [0.5, -1.0], np.eye(2), jnp.float64)

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_oracle import (
+    EPS, SDES, assert_moments, counted_score, denoised_target, isotropic_mixture_score, prior_mismatch, run_counted,
+)
 from sdejax.analytic import GaussianMixture
 from sdejax.sampling.ddim import ddim_sample
 from sdejax.sampling.langevin import annealed_langevin_sample, default_sigmas, langevin_sample, t_of_sigma
 from sdejax.sde import VESDE, VPSDE
-from test_sampling_pc import (
-    EPS, SDES, assert_moments, counted_score, denoised_target, isotropic_mixture_score, prior_mismatch, run_counted,
-)
 
 MIXTURE = GaussianMixture.create([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]])
 N_MIX = 3000  # SE of the weight: sqrt(0.2·0.8/3000) = 0.0073, so ±0.03 is 4.1 SE

@@ -1,174 +1,20 @@
-"""Predictor–corrector samplers against closed-form Gaussian oracles.
-
-Oracle. Data N(μ, Σ) (non-diagonal Σ), exact score (`gaussian_score`). With `denoise=True` the
-sampler's ideal output is Tweedie's x̂_0(x_eps), x_eps ~ p_eps = N(α μ, C), C = α²Σ + σ²I at t = eps:
-mean μ and covariance (C − 2σ²I + σ⁴C⁻¹)/α² (`denoised_target`).
-
-Tolerance per entry of the mean and covariance of the N-step run:
-    4 Monte-Carlo standard errors (estimated from the samples)
-  + 2|m_N − m_2N|: the discretisation bias of a first-order method, measured by halving every step
-    (N → 2N grid points; for correctors ε ∝ snr² so snr → snr/√2; corrector-only runs keep snr and
-    n_steps: there the error is the lag of the chain behind the moving target, ∝ 1/N)
-  + the prior mismatch: started from N(0, prior_std² I) instead of p_T, the exact reverse process ends
-    with mean error K α_T μ and covariance error K (prior_std² I − C_T) Kᵀ, K = α_T Σ C_T⁻¹ (x_0 | x_T is
-    Gaussian with mean μ + K(x_T − α_T μ)); ≤ 1e-3 here (σ_max = 20 for VE, α_T ≈ 7e-3 for VP/sub-VP).
-  + for the `langevin` corrector only, the bias of its per-example step (see `langevin_allowance`).
-
-The exact scores here (`gaussian_score`, `isotropic_mixture_score`) do their linear algebra on the host.
-`GaussianMixture.marginal_score` differentiates a Cholesky-based density: four batched LAPACK calls
-per evaluation that XLA:CPU may run concurrently, which deadlocks its intra-op thread pool on 2 cores
-(observed in these PC runs).
+"""Predictor–corrector samplers against the closed-form Gaussian oracles of `gaussian_oracle` (its
+docstring states the oracle and the tolerance).
 """
 from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.tree_util import Partial
 
+from gaussian_oracle import (
+    EPS, GAUSSIANS, SDES, assert_moments, counted_score, denoised_target, gaussian_score, isotropic_mixture_score,
+    langevin_allowance, prior_mismatch, run_counted,
+)
 from sdejax.sampling.pc import CORRECTORS, PREDICTORS, pc_nfe, pc_sample
-from sdejax.sde import VESDE, VPSDE, subVPSDE
-
-EPS = 1e-3
-SDES = {
-    "ve": lambda n: VESDE(sigma_min=0.01, sigma_max=20.0, N=n),
-    "vp": lambda n: VPSDE(beta_min=0.1, beta_max=20.0, N=n),
-    "subvp": lambda n: subVPSDE(beta_min=0.1, beta_max=20.0, N=n),
-}
-
-
-def make_gaussian(d: int):
-    """N(μ, Σ) in R^d with correlated Σ (eigenvalues in [0.3, 2])."""
-    rs = np.random.RandomState(d)
-    q, _ = np.linalg.qr(rs.randn(d, d))
-    sigma = q @ np.diag(np.linspace(0.3, 2.0, d)) @ q.T
-    mu = rs.uniform(-0.5, 0.5, d)
-    return mu, sigma
-
-
-GAUSSIANS = {d: make_gaussian(d) for d in (2, 8)}
-
-
-# --- score function that counts its own evaluations ------------------------------------------
-CALLS = [0]
-
-
-def _tick():
-    CALLS[0] += 1
-
-
-def _counted(score, x, t):
-    jax.debug.callback(_tick)
-    return score(x, t)
-
-
-def _gaussian_score(sde, mu, lam, u, x, t):
-    alpha, sigma = sde.marginal_coeffs(t)
-    z = (x - alpha[:, None] * mu) @ u
-    return -(z / (alpha[:, None] ** 2 * lam + sigma[:, None] ** 2)) @ u.T
-
-
-def gaussian_score(sde, mu, sigma, dtype=jnp.float32) -> Partial:
-    """The exact score of N(mu, sigma) under `sde`: with sigma = U diag(λ) Uᵀ (eigh on the host),
-    C_t = α_t² sigma + σ_t² I = U diag(α_t² λ + σ_t²) Uᵀ and s(x, t) = −C_t⁻¹ (x − α_t mu)."""
-    lam, u = np.linalg.eigh(np.asarray(sigma, np.float64))
-    return Partial(_gaussian_score, sde, *(jnp.asarray(v, dtype) for v in (mu, lam, u)))
-
-
-def _isotropic_mixture_score(sde, log_w, means, x, t):
-    alpha, sigma = sde.marginal_coeffs(t)
-    var = (alpha**2 + sigma**2)[:, None, None]
-    diff = alpha[:, None, None] * means[None] - x[:, None, :]  # (B, K, d)
-    resp = jax.nn.softmax(log_w - 0.5 * jnp.sum(diff**2, axis=-1) / var[..., 0], axis=-1)
-    return jnp.sum(resp[..., None] * diff / var, axis=1)
-
-
-def isotropic_mixture_score(sde, weights, means) -> Partial:
-    """The exact score of Σ_k w_k N(μ_k, I): p_t = Σ_k w_k N(α μ_k, (α² + σ²) I), so
-    s = Σ_k r_k(x) (α μ_k − x)/(α² + σ²) with r = softmax_k(log w_k − |x − α μ_k|²/(2(α² + σ²)))."""
-    return Partial(_isotropic_mixture_score, sde, jnp.log(jnp.asarray(weights, jnp.float32)),
-                   jnp.asarray(means, jnp.float32))
-
-
-def counted_score(sde, d: int) -> Partial:
-    """Exact score of GAUSSIANS[d] under `sde`, incrementing CALLS at every evaluation."""
-    return Partial(_counted, gaussian_score(sde, *GAUSSIANS[d]))
-
-
-def run_counted(sampler, *args, **kwargs):
-    """Run a sampler, returning (samples as numpy, nfe reported, score calls counted)."""
-    CALLS[0] = 0
-    x, nfe = sampler(*args, **kwargs)
-    x = np.asarray(jax.block_until_ready(x))
-    jax.effects_barrier()
-    return x, nfe, CALLS[0]
-
-
-# --- oracle -----------------------------------------------------------------------------------
-def coeffs(sde, t: float):
-    alpha, sigma = sde.marginal_coeffs(jnp.array([t], jnp.float32))
-    return float(alpha[0]), float(sigma[0])
-
-
-def denoised_target(sde, d: int):
-    """Mean and covariance of x̂_0(x_eps) = (x + σ² s(x))/α for x ~ p_eps (module docstring)."""
-    mu, sig = GAUSSIANS[d]
-    a, s = coeffs(sde, EPS)
-    c = a**2 * sig + s**2 * np.eye(d)
-    return mu, (c - 2 * s**2 * np.eye(d) + s**4 * np.linalg.inv(c)) / a**2
-
-
-def prior_mismatch(sde, d: int):
-    """|mean| and |covariance| error of the exact reverse process started from the prior, not p_T."""
-    mu, sig = GAUSSIANS[d]
-    a, s = coeffs(sde, sde.T)
-    c_t = a**2 * sig + s**2 * np.eye(d)
-    k = a * sig @ np.linalg.inv(c_t)
-    return np.abs(k @ (a * mu)), np.abs(k @ (sde.prior_std**2 * np.eye(d) - c_t) @ k.T)
-
-
-def langevin_allowance(d: int):
-    """Covariance bias allowed for the per-example `langevin` corrector on N(0, Σ) in R^d.
-
-    Its step ε ∝ ‖z‖²/‖s(x)‖² depends on the example's own state and noise. In the small-step limit the
-    chain x ← x + ε s + sqrt(2ε) z then has noise ∝ E[‖z‖² zzᵀ] = (d+2)I against drift ∝ E‖z‖² = d
-    (temperature τ = (d+2)/d) and a state-dependent rate D(x) ∝ 1/‖s(x)‖², whose stationary law is
-    p^{1/τ}(x)/D(x) ∝ N(x; 0, τΣ)·‖Σ⁻¹x‖², with covariance τ(Σ + 2I/tr(Σ⁻¹)). The sampler's output lies
-    between the exact law and this stationary law, so |τ(Σ + 2I/tr Σ⁻¹) − Σ| bounds the bias
-    (≈ (1 + 2/d)² − 1 relative: 56% at d = 8, infinite variance at d = 2, 0.1% for 32×32×3 images).
-    The mean is unbiased (the law stays symmetric about the mean).
-    """
-    _, sig = GAUSSIANS[d]
-    tau = (d + 2) / d
-    return np.abs(tau * (sig + 2 * np.eye(d) / np.trace(np.linalg.inv(sig))) - sig)
-
-
-def sample_moments(x: np.ndarray):
-    """Mean, covariance and their standard errors (from the per-sample terms)."""
-    n = x.shape[0]
-    m = x.mean(0)
-    dev = x - m
-    prods = dev[:, :, None] * dev[:, None, :]
-    return m, prods.mean(0), x.std(0) / np.sqrt(n), prods.std(0) / np.sqrt(n)
-
-
-def assert_moments(x, x_fine, target_mean, target_cov, extra_mean=0.0, extra_cov=0.0, label=""):
-    """|moment_N − target| ≤ 4 SE + 2|moment_N − moment_2N| + extra, entrywise (module docstring)."""
-    m, c, se_m, se_c = sample_moments(x)
-    m2, c2, _, _ = sample_moments(x_fine)
-    tol_m = 4 * se_m + 2 * np.abs(m - m2) + extra_mean
-    tol_c = 4 * se_c + 2 * np.abs(c - c2) + extra_cov
-    err_m, err_c = np.abs(m - target_mean), np.abs(c - target_cov)
-    print(f"{label}: max mean err {err_m.max():.4f} (tol {tol_m.min():.4f}..), "
-          f"max cov err {err_c.max():.4f} (tol {tol_c.min():.4f}..), halving diff "
-          f"{np.abs(m - m2).max():.4f}/{np.abs(c - c2).max():.4f}")
-    assert np.all(np.isfinite(x)) and np.all(np.isfinite(x_fine)), label
-    assert np.all(err_m <= tol_m), f"{label}: mean {m} vs {target_mean}, tol {tol_m}"
-    assert np.all(err_c <= tol_c), f"{label}: cov {c} vs {target_cov}, tol {tol_c}"
-
+from sdejax.sde import VESDE, VPSDE
 
 # --- runs --------------------------------------------------------------------------------------
 N = 100  # grid points of the coarse run; the fine run has 2N

@@ -4,30 +4,15 @@ All runs share one tiny config (an MLP of width 16), so the jitted steps compile
 persistent cache afterwards).
 """
 import json
-import pathlib
 import shutil
 
 import jax
 import numpy as np
 import pytest
-from absl import flags
 
-from sdejax import cli
+from configs_helper import N, TINY, load_config, tiny_config
+from helpers import assert_states_equal, run_cli, state_leaves
 from sdejax.training import loop
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-from configs_helper import N, TINY, load_config, tiny_config  # noqa: E402,F401  (TINY, tiny_config re-used)
-
-
-def _leaves(state):
-    return jax.tree_util.tree_flatten_with_path(jax.device_get(state))
-
-
-def assert_states_equal(a, b):
-    (la, ta), (lb, tb) = _leaves(a), _leaves(b)
-    assert ta == tb
-    for (path, x), (_, y) in zip(la, lb):
-        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +51,7 @@ def test_unrolled_steps_match_the_scan(half_run, tmp_path):
     for workdir in (unrolled, accum):
         got = loop.setup(tiny_config(), workdir).state
         assert int(got.step) == N
-        for (path, a), (_, b) in zip(*(_leaves(x.params)[0] for x in (ref, got))):
+        for (path, a), (_, b) in zip(*(state_leaves(x.params)[0] for x in (ref, got))):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
@@ -115,29 +100,18 @@ def test_missing_key_and_unknown_sampler(tmp_path):
         loop.setup(tiny_config(**{"sampling.method": "unipc", "sampling.variant": "bh3"}), tmp_path / "early")
 
 
-def _cli(monkeypatch, *args, config=cli.DEFAULT_CONFIG):
-    """Parse flags and run `cli.main` in-process (config overrides are read from sys.argv)."""
-    argv = ["sdejax", f"--config={config}", *args]
-    monkeypatch.setattr("sys.argv", argv)
-    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # per-parse override flags
-        delattr(flags.FLAGS, name)
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    cli.main(["sdejax"])
-
-
 def test_cli_train_eval_sample(tmp_path, capsys, monkeypatch):
     overrides = [f"--config.{k}={v}" for k, v in {**TINY, "eval.after_training": True}.items()]
     workdir = tmp_path / "cli"
-    _cli(monkeypatch, f"--workdir={workdir}", "--mode=train", *overrides)
+    run_cli(monkeypatch, f"--workdir={workdir}", "--mode=train", *overrides)
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 2 * N and np.isfinite(metrics["final_loss"])
     assert set(metrics["samplers"]) == {"pc", "ode", "dpm_solver"} and metrics["samplers"]["pc"]["nfe"] > 0
     assert metrics["samplers"]["dpm_solver"]["nfe"] == 10  # sampling.num_steps grid points, the last a denoise
     assert (workdir / "samples.png").stat().st_size > 0 and (workdir / "checkpoints" / str(2 * N)).is_dir()
-    _cli(monkeypatch, f"--workdir={workdir}", "--mode=eval", *overrides)
+    run_cli(monkeypatch, f"--workdir={workdir}", "--mode=eval", *overrides)
     assert np.isfinite(json.loads((workdir / "eval_metrics.json").read_text())["heldout_loss"])
-    _cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--config.sampling.method=unipc",
+    run_cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--config.sampling.method=unipc",
          "--config.sampling.num_steps=6", *overrides)
     samples = np.load(workdir / "samples" / f"samples_{2 * N}.npz")["samples"]
     assert samples.shape == (64, 2) and np.all(np.isfinite(samples))
