@@ -15,7 +15,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 
+from sdejax.guidance import check_classes
 from sdejax.sde import SDE, check_time
 
 Array = jax.Array
@@ -103,20 +105,50 @@ class GaussianMixture(NamedTuple):
         alpha, sigma = sde.marginal_coeffs(t)
         return self.marginal_coeffs_log_prob(x, alpha, sigma)
 
-    def marginal_score(self, sde: SDE, x: Array, t: Array) -> Array:
-        """∇_x log p_t(x) = −Σ_k r_k(x) C_k⁻¹(x − α μ_k), r_k the posterior component weights; shaped like x."""
+    def _terms(self, sde: SDE, x: Array, t: Array) -> tuple[Array, Array, Array]:
+        """(flattened x, log w_k + log N_k,t(x) (B, K), C_k⁻¹(x − α μ_k) (B, K, d)) at time t."""
         check_time(x, t)
         flat = self._flat(x)
         alpha, sigma = (v.astype(flat.dtype) for v in sde.marginal_coeffs(t))
         comps, solved = _component_terms(flat, alpha, sigma, *self._params(flat.dtype))
-        resp = jax.nn.softmax(comps + jnp.log(self.weights.astype(flat.dtype)), axis=-1)
+        return flat, comps + jnp.log(self.weights.astype(flat.dtype)), solved
+
+    def log_posterior(self, sde: SDE, x: Array, t: Array) -> Array:
+        """log p_t(k | x) = log w_k N_k,t(x) − log Σ_j w_j N_j,t(x), shape (B, K): the exact
+        noise-conditional classifier when each component is a class."""
+        _, joint, _ = self._terms(sde, x, t)
+        return jax.nn.log_softmax(joint, axis=-1)
+
+    def marginal_score(self, sde: SDE, x: Array, t: Array, y: Array | None = None) -> Array:
+        """∇_x log p_t(x) = −Σ_k r_k(x) C_k⁻¹(x − α μ_k), r_k the posterior component weights; with
+        integer classes `y` (B,), the class-conditional score ∇_x log p_t(x | y) = −C_y⁻¹(x − α μ_y).
+        Shaped like x."""
+        flat, joint, solved = self._terms(sde, x, t)
+        if y is None:
+            resp = jax.nn.softmax(joint, axis=-1)
+        else:
+            resp = jax.nn.one_hot(check_classes("y", y, flat.shape[0], self.weights.shape[0]),
+                                  self.weights.shape[0], dtype=flat.dtype)
         return jnp.reshape(-jnp.einsum("bk,bki->bi", resp, solved), x.shape)
 
-    def score_fn(self, sde: SDE):
-        """The exact score function `score_fn(x, t)` of this mixture under `sde`."""
-        return lambda x, t: self.marginal_score(sde, x, t)
+    def score_fn(self, sde: SDE, y: Array | None = None) -> Partial:
+        """The exact score function `score_fn(x, t)` of this mixture under `sde` (of class `y` when
+        given), a `Partial` carrying the mixture and `y` as leaves."""
+        return Partial(_mixture_score, self, sde, y=y)
+
+    def classifier_fn(self, sde: SDE) -> Partial:
+        """`log_prob_fn(x, t) -> log p_t(k | x)` (B, K): the exact classifier for guidance."""
+        return Partial(_mixture_log_posterior, self, sde)
 
     def entropy(self, rng: Array, n: int = 200_000) -> tuple[Array, Array]:
         """Monte-Carlo estimate of H = −E log p_0(x) in nats and its standard error."""
         logp = self.log_prob(self.sample(rng, n))
         return -jnp.mean(logp), jnp.std(logp) / np.sqrt(n)
+
+
+def _mixture_score(mixture: GaussianMixture, sde: SDE, x: Array, t: Array, y: Array | None = None) -> Array:
+    return mixture.marginal_score(sde, x, t, y)
+
+
+def _mixture_log_posterior(mixture: GaussianMixture, sde: SDE, x: Array, t: Array) -> Array:
+    return mixture.log_posterior(sde, x, t)

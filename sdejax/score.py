@@ -65,7 +65,8 @@ def tweedie_x0(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t:
 
 @dataclasses.dataclass(frozen=True)
 class NetworkScore:
-    """score(x, t) of a network through its preconditioner: `NetworkScore(...)(params, rng, x, t)`.
+    """score(x, t) of a network through its preconditioner: `NetworkScore(...)(params, rng, x, t, y)`,
+    `y` the integer classes (B,) of a class-conditional network (None: the null class).
 
     Hashable (the network, schedule and preconditioner are static), so `get_score_fn` can hand the
     samplers a `Partial` whose only leaves are the parameters and the dropout key.
@@ -76,9 +77,10 @@ class NetworkScore:
     precond: Precond
     train: bool = False
 
-    def __call__(self, params: Any, rng: Array | None, x: Array, t: Array) -> Array:
+    def __call__(self, params: Any, rng: Array | None, x: Array, t: Array, y: Array | None = None) -> Array:
         check_time(x, t)
-        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng)  # noqa: E731
+        cond = {} if y is None else {"y": y}  # a network without classes never sees `y`
+        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng, **cond)  # noqa: E731
         pred, alpha, sigma = self.precond.apply(net, self.sde, x, t)
         return convert(pred, self.precond.output, "score", x, alpha, sigma)
 
@@ -105,12 +107,15 @@ def get_score_fn(
     train: bool = False,
     rng: Array | None = None,
     precond: Precond | None = None,
+    y: Array | None = None,
 ) -> Partial:
     """Turn a network `apply_fn(params, x, labels, *, train, rng)` into `score_fn(x, t)`.
 
     The network is read through `precond` (default: the schedule's own, e.g. score_sde's score output
     for VE and ε for VP / sub-VP); `prediction` overrides what a plain network outputs. The result is
-    a `jax.tree_util.Partial` with `params` as leaves, so samplers compile once for all parameters.
+    a `jax.tree_util.Partial` with `params` (and the class labels `y`, shape (batch,), of a
+    class-conditional network; None selects its null class) as leaves, so samplers compile once for
+    all parameters and labels, and `score_fn(x, t)` stays the contract every sampler relies on.
     """
     precond = resolve_precond(sde, precond, prediction, continuous)
-    return Partial(NetworkScore(sde, apply_fn, precond, bool(train)), params, rng)
+    return Partial(NetworkScore(sde, apply_fn, precond, bool(train)), params, rng, y=y)
