@@ -20,7 +20,8 @@ so the plain MSE on the target of p is ‖e_p‖² = σ² k_p² ‖e_s‖², a w
 Likelihood weighting replaces λ by g(t)² (the weight for which the loss bounds −log p, Song et al.
 2021 "Maximum likelihood training of score-based diffusion models"), i.e. the weight on ‖e_p‖² is
 g²/(σ k_p)². Each factory returns `loss_fn(params, rng, batch) -> (loss, aux)` with `batch["x"]`
-the data, `aux = {"losses": per-example losses, "t": times or labels}`; jit- and grad-safe.
+the data (and `batch["y"]` its classes for a class-conditional network, `num_classes` > 0), `aux =
+{"losses": per-example losses, "t": times or labels}`; jit- and grad-safe.
 
 Per-example randomness (t or label, z) is drawn from `fold_in(key, i)` with i the example's global
 index in the step's batch, `batch["index"]` (default 0..n−1). A data-parallel or gradient-
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdejax.guidance import check_classes
 from sdejax.precond import Precond, lognormal_sigmas
 from sdejax.sampling.loop import check_batch_axis
 from sdejax.score import from_eps, resolve_precond
@@ -86,14 +88,39 @@ def _per_example_normal(keys: Array, x0: Array) -> Array:
     return jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(keys)
 
 
+def _class_conditioning(batch: dict, keys: Array, num_classes: int, p_uncond: float) -> dict:
+    """{"y": classes} for a class-conditional network ({} without classes): `batch["y"]`, each replaced
+    by the null class `num_classes` with probability `p_uncond` (classifier-free guidance's label
+    dropout; u ~ U[0, 1) from fold_in(key, 1) of the example's time key)."""
+    if num_classes <= 0:
+        return {}
+    if "y" not in batch:
+        raise ValueError(f"a class-conditional loss (num_classes={num_classes}) needs batch['y']; "
+                         f"got keys {sorted(batch)}")
+    y = check_classes("batch['y']", batch["y"], batch["x"].shape[0], num_classes)
+    if p_uncond > 0:
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+        y = jnp.where(u < p_uncond, num_classes, y)
+    return {"y": y}
+
+
+def _check_conditioning(num_classes: int, p_uncond: float) -> None:
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0; got {num_classes}")
+    if not 0.0 <= p_uncond <= 1.0 or (p_uncond > 0 and num_classes == 0):
+        raise ValueError(f"p_uncond must be in [0, 1] and needs num_classes > 0; got p_uncond={p_uncond} "
+                         f"with num_classes={num_classes}")
+
+
 def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma, precond: Precond, weight,
-                      reduce_mean):
+                      reduce_mean, cond: dict):
     """weight · reduce(‖F − F_target‖²) per example, x_t = α x_0 + σ z, F_target from the target of
-    kind `precond.output` (`Precond.target_F`; the plain network output and its target otherwise)."""
+    kind `precond.output` (`Precond.target_F`; the plain network output and its target otherwise);
+    `cond` holds the class labels of a conditional network."""
     a, s = batch_broadcast(alpha, x0), batch_broadcast(sigma, x0)
     xt = a * x0 + s * z
     c_in, _, _ = (batch_broadcast(v, x0) for v in precond.scalings(alpha, sigma))
-    out = apply_fn(params, xt if precond.sigma_data is None else c_in * xt, labels, train=train, rng=rng)
+    out = apply_fn(params, xt if precond.sigma_data is None else c_in * xt, labels, train=train, rng=rng, **cond)
     kind = precond.output
     target = x0 if kind == "x0" else from_eps(kind, z, xt, alpha, sigma)
     if precond.sigma_data is not None:
@@ -166,6 +193,8 @@ def get_sde_loss_fn(
     time_sampling: str = "uniform",
     p_mean: float = -1.2,
     p_std: float = 1.2,
+    num_classes: int = 0,
+    p_uncond: float = 0.0,
 ) -> LossFn:
     """Continuous DSM: E_{t, x_0, z} [λ(t) ‖ŝ(x_t, t) − (−z/σ_t)‖²], the network read through `precond`
     (default: the schedule's, `sde.default_precond`), t ~ U[eps, T] by default.
@@ -175,7 +204,10 @@ def get_sde_loss_fn(
     or `time_sampling="importance"`) draws t from q(t) ∝ g²/σ² and multiplies by 1/(q(t)(T − eps)).
     `time_sampling="lognormal"` is EDM's ln σ̃ ~ N(p_mean, p_std²); with `Precond.edm` and the plain
     weight this is EDM's loss, λ(σ) = (σ² + σ_d²)/(σ σ_d)² on ‖x̂₀ − x₀‖² (= ‖F − F_target‖²).
+    With `num_classes` > 0 the network is class-conditional on `batch["y"]`, each label dropped to
+    the null class with probability `p_uncond` (classifier-free guidance training).
     """
+    _check_conditioning(num_classes, p_uncond)
     precond = resolve_precond(sde, precond, prediction, continuous)
     how = "importance" if importance_weighting else time_sampling
     if how not in TIME_SAMPLINGS:
@@ -198,15 +230,18 @@ def get_sde_loss_fn(
         labels, alpha, sigma = precond.inputs(sde, t)
         weight = _loss_weight(sde, precond, t, alpha, sigma, likelihood_weighting)
         z = _per_example_normal(z_keys, x0)
+        cond = _class_conditioning(batch, t_keys, num_classes, p_uncond)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
-                                   precond, weight * time_weight, reduce_mean)
+                                   precond, weight * time_weight, reduce_mean, cond)
         return jnp.mean(losses), {"losses": losses, "t": t}
 
     return loss_fn
 
 
-def _discrete_loss_fn(apply_fn, train, reduce_mean, alphas, sigmas, prediction) -> LossFn:
-    """Labels i ~ U{0..N−1} with x_i = α_i x_0 + σ_i z; σ²-weighted for score outputs, else plain MSE."""
+def _discrete_loss_fn(apply_fn, train, reduce_mean, alphas, sigmas, prediction, num_classes, p_uncond) -> LossFn:
+    """Labels i ~ U{0..N−1} with x_i = α_i x_0 + σ_i z; σ²-weighted for score outputs, else plain MSE
+    (class-conditional as `get_sde_loss_fn`)."""
+    _check_conditioning(num_classes, p_uncond)
     alphas, sigmas = jnp.asarray(alphas, jnp.float32), jnp.asarray(sigmas, jnp.float32)
 
     def loss_fn(params: Any, rng: Array, batch: dict) -> tuple[Array, dict]:
@@ -216,8 +251,9 @@ def _discrete_loss_fn(apply_fn, train, reduce_mean, alphas, sigmas, prediction) 
         alpha, sigma = alphas[labels], sigmas[labels]
         weight = sigma**2 if prediction == "score" else jnp.ones_like(sigma)
         z = _per_example_normal(z_keys, x0)
+        cond = _class_conditioning(batch, l_keys, num_classes, p_uncond)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
-                                   Precond.plain(prediction), weight, reduce_mean)
+                                   Precond.plain(prediction), weight, reduce_mean, cond)
         return jnp.mean(losses), {"losses": losses, "t": labels}
 
     return loss_fn
@@ -231,19 +267,23 @@ def _chain_table(sde: SDE, name: str, message: str) -> np.ndarray:
     return np.asarray(table)
 
 
-def get_ddpm_loss_fn(vpsde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = True) -> LossFn:
+def get_ddpm_loss_fn(vpsde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = True, num_classes: int = 0,
+                     p_uncond: float = 0.0) -> LossFn:
     """DDPM L_simple (Ho et al. 2020): E_{i, x_0, z} ‖ε̂(sqrt(ᾱ_i) x_0 + sqrt(1 − ᾱ_i) z, i) − z‖².
 
     Labels are the integer indices i into `vpsde.alphas_cumprod`, as the discrete VP score function.
     """
     abar = _chain_table(vpsde, "alphas_cumprod", "the DDPM loss needs a schedule with a DDPM chain (VPSDE, DiscreteVPSDE)")
-    return _discrete_loss_fn(apply_fn, train, reduce_mean, np.sqrt(abar), np.sqrt(1.0 - abar), "eps")
+    return _discrete_loss_fn(apply_fn, train, reduce_mean, np.sqrt(abar), np.sqrt(1.0 - abar), "eps", num_classes,
+                             p_uncond)
 
 
-def get_smld_loss_fn(vesde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = False) -> LossFn:
+def get_smld_loss_fn(vesde: SDE, apply_fn: ApplyFn, train: bool, reduce_mean: bool = False, num_classes: int = 0,
+                     p_uncond: float = 0.0) -> LossFn:
     """SMLD / NCSN loss (Song & Ermon 2019): E_{i, x_0, z} σ_i² ‖ŝ(x_0 + σ_i z, i) + z/σ_i‖² (0.5·sum).
 
     Labels index the descending σ table `vesde.discrete_sigmas[::-1]`, as the discrete VE score function.
     """
     sigmas = _chain_table(vesde, "discrete_sigmas", "the SMLD loss needs a schedule with an SMLD σ table (VESDE)")[::-1]
-    return _discrete_loss_fn(apply_fn, train, reduce_mean, np.ones_like(sigmas), sigmas, "score")
+    return _discrete_loss_fn(apply_fn, train, reduce_mean, np.ones_like(sigmas), sigmas, "score", num_classes,
+                             p_uncond)
