@@ -6,8 +6,7 @@ plus its own deltas, so each file reads as the list of what makes that experimen
 import ml_collections
 
 
-def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_begin, eval_end,
-                eval_batch_size, enable_sampling, dataset, image_size, sigma_max, num_scales, dropout,
+def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_batch_size, enable_sampling, dataset, image_size, sigma_max, num_scales, dropout,
                 extra_data=None):
     """The `default_*_configs` layout of score_sde, plus sdejax's `model.dtype` and `model.num_classes`."""
     config = ml_collections.ConfigDict()
@@ -34,14 +33,15 @@ def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_
     sampling.snr = snr
 
     config.eval = evaluate = ml_collections.ConfigDict()
-    evaluate.begin_ckpt = eval_begin
-    evaluate.end_ckpt = eval_end
+    # --mode=eval evaluates every retained checkpoint with step in [begin_ckpt, end_ckpt] (end_ckpt = -1:
+    # no upper bound); begin_ckpt = end_ckpt = 0: the newest checkpoint only.
+    evaluate.begin_ckpt = 0
+    evaluate.end_ckpt = 0
     evaluate.batch_size = eval_batch_size
     evaluate.enable_sampling = enable_sampling
     evaluate.num_samples = 50000
     evaluate.enable_loss = True
     evaluate.enable_bpd = False
-    evaluate.bpd_dataset = 'test'
     # Sample quality (sdejax.evaluation.workflow): reference statistics of `fid_split` from
     # --mode=fid_stats, FID/KID/IS in --mode=eval when enable_sampling is set.
     evaluate.fid_split = 'train'
@@ -69,7 +69,6 @@ def base_config(*, batch_size, n_iters, snapshot_freq_for_preemption, snr, eval_
     model.beta_min = 0.1
     model.beta_max = 20.
     model.dropout = dropout
-    model.embedding_type = 'fourier'
     model.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
     model.num_classes = 0  # > 0: class-conditional, index num_classes is the null class
 
@@ -105,7 +104,6 @@ def ncsnpp(config, *, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, fir=True, 
     model.name = 'ncsnpp'
     model.scale_by_sigma = scale_by_sigma
     model.ema_rate = ema_rate
-    model.normalization = 'GroupNorm'
     model.nonlinearity = 'swish'
     model.nf = nf
     model.ch_mult = ch_mult
@@ -120,11 +118,9 @@ def ncsnpp(config, *, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, fir=True, 
     model.progressive = progressive
     model.progressive_input = progressive_input
     model.progressive_combine = 'sum'
-    model.attention_type = 'ddpm'
     model.init_scale = 0.
     model.embedding_type = embedding_type
     model.fourier_scale = 16
-    model.conv_size = 3
     return config
 
 
@@ -167,7 +163,6 @@ def ddpm(config, *, ch_mult=(1, 2, 2, 2), scale_by_sigma=False, ema_rate=0.9999,
     model.name = 'ddpm'
     model.scale_by_sigma = scale_by_sigma
     model.ema_rate = ema_rate
-    model.normalization = 'GroupNorm'
     model.nonlinearity = 'swish'
     model.nf = 128
     model.ch_mult = ch_mult
@@ -190,15 +185,15 @@ def refinenet(config, *, name, sigma_max, num_scales, snr, n_steps_each, ema_rat
     sampling.snr = snr
     model = config.model
     model.name = name
-    model.scale_by_sigma = name != 'ncsn'
+    del model.dropout  # RefineNets have no dropout
     model.sigma_max = float(sigma_max)
     model.num_scales = num_scales
     model.ema_rate = ema_rate
     model.normalization = 'InstanceNorm++'
     model.nonlinearity = 'elu'
     model.nf = 128
-    model.interpolation = 'bilinear'
-    model.flavor = 'pytorch'  # 'flax' for score_sde's Flax NCSNv2 (its checkpoints); sdejax.models.ncsnv2
+    if name != 'ncsn':
+        model.flavor = 'pytorch'  # 'flax' for score_sde's Flax NCSNv2 (its checkpoints); sdejax.models.ncsnv2
     optim = config.optim
     optim.lr = 1e-4 if name != 'ncsn' else 1e-3
     optim.amsgrad = False
@@ -214,7 +209,8 @@ def tiny(config, *, nf=16):
     config.eval.batch_size = 4
     model = config.model
     model.nf = nf
-    model.dropout = 0.1
+    if 'dropout' in model:
+        model.dropout = 0.1
     if 'ch_mult' in model:
         model.ch_mult = (1, 2)
         model.num_res_blocks = 1

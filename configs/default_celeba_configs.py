@@ -3,6 +3,8 @@ from configs._common import base_config
 
 
 def get_default_configs():
+    # score_sde evaluated its checkpoints 1..26 (one per training.snapshot_freq = 50000 steps): here
+    # --config.eval.begin_ckpt=50000 --config.eval.end_ckpt=1300000 (steps); the default, the newest only.
     return base_config(batch_size=128, n_iters=1300001, snapshot_freq_for_preemption=10000, snr=0.17,
-                       eval_begin=1, eval_end=26, eval_batch_size=1024, enable_sampling=True,
+                       eval_batch_size=1024, enable_sampling=True,
                        dataset='CELEBA', image_size=64, sigma_max=90, num_scales=1000, dropout=0.1)

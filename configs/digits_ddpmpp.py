@@ -16,7 +16,7 @@ from configs import _common
 
 def get_config():
     config = _common.base_config(
-        batch_size=128, n_iters=20000, snapshot_freq_for_preemption=1000, snr=0.16, eval_begin=1, eval_end=20,
+        batch_size=128, n_iters=20000, snapshot_freq_for_preemption=1000, snr=0.16,
         eval_batch_size=100, enable_sampling=False, dataset="DIGITS", image_size=16, sigma_max=50.0,
         num_scales=1000, dropout=0.1)
     _common.set_sde(config, "vpsde", continuous=True)  # also centres the data to [-1, 1]

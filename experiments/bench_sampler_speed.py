@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from sdejax.models import dummy_inputs, get_model, make_apply_fn  # noqa: E402
 from sdejax.sampling import methods  # noqa: E402
-from sdejax.training import loop  # noqa: E402
+from sdejax.training import build  # noqa: E402
 
 RUNS = {"DPM-Solver++(2M), 10 NFE": ("dpm_solver", {"num_steps": 10, "order": 2}),
         "UniPC-2, 10 NFE": ("unipc", {"num_steps": 10, "order": 2}),
@@ -39,12 +39,12 @@ def main() -> None:
     model = get_model(config)
     x1, labels1 = dummy_inputs(config, 1)
     variables = jax.jit(lambda k: model.init({"params": k}, x1, labels1))(jax.random.PRNGKey(0))
-    sde, apply_fn, shape = loop.get_sde(config), make_apply_fn(model), (args.batch,) + x1.shape[1:]
+    sde, apply_fn, shape = build.build_sde(config), make_apply_fn(model), (args.batch,) + x1.shape[1:]
     print(f"device: {jax.devices()[0].device_kind}, {args.config}, batch {args.batch}, {args.dtype}, jax {jax.__version__}")
     print("| sampler | NFE | compile (s) | s / batch | samples/s |\n|---|---|---|---|---|")
     for label, (method, options) in RUNS.items():
         def draw(params, rng, method=method, options=options):
-            score_fn = loop.get_score_fn(config, sde, apply_fn, params)
+            score_fn = build.build_score_fn(config, sde, apply_fn, params)
             return methods.sample(method, rng, sde, score_fn, shape, **options)
 
         start = time.perf_counter()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from configs.default_toy import get_config  # noqa: E402
 from sdejax.data import toy  # noqa: E402
 from sdejax.sampling import methods  # noqa: E402
-from sdejax.training import loop  # noqa: E402
+from sdejax.training import build, trainer  # noqa: E402
 
 NFES = (5, 10, 20, 35, 50, 100)
 RUNS = {  # label: (method, options, grid points for a target NFE)
@@ -64,11 +64,11 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     config = get_config()
-    s = loop.setup(config, args.workdir)
+    s = build.setup(config, args.workdir)
     if int(s.state.step) < config.training.n_iters:
-        loop.train(config, args.workdir)
-        s = loop.setup(config, args.workdir)
-    score_fn = loop.get_score_fn(config, s.sde, s.apply_fn, s.state.ema_params)
+        trainer.train_model(config, args.workdir)
+        s = build.setup(config, args.workdir)
+    score_fn = build.build_score_fn(config, s.sde, s.apply_fn, s.state.ema_params)
     dist = toy.get_toy_distribution(config.data.dataset, **config.data.dataset_kwargs)
     truth = np.asarray(dist.sample(jax.random.PRNGKey(11), args.n))
     floor = sliced_w2(np.asarray(dist.sample(jax.random.PRNGKey(12), args.n)), truth)

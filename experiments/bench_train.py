@@ -2,7 +2,7 @@
 
     python experiments/bench_train.py --config=configs/default_toy.py --devices=1,8 --steps=400
 
-Each row runs the real training loop (`sdejax.training.loop.train`) in a fresh process, so that
+Each row runs the real training loop (`sdejax.training.trainer.train_model`) in a fresh process, so that
 `--devices=N` can emulate N CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) when
 there is no accelerator; on a GPU/TPU host pass the real device count. The rate is read from the
 loop's own log over the second half of the run, after compilation. On CPU, emulated devices share
@@ -27,7 +27,7 @@ sys.path.insert(0, {root!r})
 from ml_collections import config_flags
 import jax
 from absl import flags
-from sdejax.training import loop
+from sdejax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", {config!r})
 flags.FLAGS(["bench"])
@@ -40,7 +40,7 @@ config.eval.after_training = False
 for key, value in {overrides!r}.items():
     section, name = key.split(".")
     config[section][name] = type(config[section][name])(value)
-loop.train(config, {workdir!r})
+trainer.train_model(config, {workdir!r})
 log = [json.loads(l) for l in (pathlib.Path({workdir!r}) / "train_log.jsonl").read_text().splitlines()]
 last = [r for r in log if "steps_per_s" in r][-1]
 print("RESULT", json.dumps({{"devices": jax.device_count(), "platform": jax.devices()[0].platform,

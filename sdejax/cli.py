@@ -44,14 +44,15 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every write at INFO; keep the progress bar readable
         logging.set_verbosity(logging.WARNING)
-    from sdejax.training import loop, parallel
+    from sdejax.training import parallel
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     auto=FLAGS.distributed)
 
     from sdejax.evaluation import workflow
+    from sdejax.training import modes, trainer
 
-    run_mode = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample,
+    run_mode = {"train": trainer.train_model, "eval": modes.run_eval, "sample": modes.run_sample,
                 "fid_stats": workflow.fid_stats}[FLAGS.mode]
     allow = {} if FLAGS.mode == "fid_stats" else {"allow_config_change": tuple(FLAGS.allow_config_change)}
     result = run_mode(FLAGS.config, FLAGS.workdir, **allow)

@@ -26,7 +26,7 @@ import pytest
 
 from configs_helper import TINY, tiny_config
 from helpers import ROOT, assert_states_equal, run_cli, subprocess_env
-from sdejax.training import checkpoint, integrity, loop, workdir_lock
+from sdejax.training import build, checkpoint, integrity, modes, trainer, workdir_lock
 
 STEPS = (10, 20, 30)
 OVERRIDES = {"training.n_iters": 30, "training.keep_checkpoints": 3, "training.eval_freq": 0}
@@ -37,7 +37,7 @@ IN_FLIGHT = "99.orbax-checkpoint-tmp"  # stands for another process's save being
 WORKER = textwrap.dedent(f"""
     import os, pathlib, sys, time
     from test_checkpoint_safety import config
-    from sdejax.training import checkpoint, loop
+    from sdejax.training import checkpoint, trainer
     release = pathlib.Path(sys.argv[2])
     save = checkpoint.Checkpointer.save
     def held_save(self, state, *args, **kwargs):
@@ -47,7 +47,7 @@ WORKER = textwrap.dedent(f"""
             time.sleep(0.05)
         return save(self, state, *args, **kwargs)
     checkpoint.Checkpointer.save = held_save
-    loop.train(config(), sys.argv[1])
+    trainer.train_model(config(), sys.argv[1])
     print("done", flush=True)
 """)
 
@@ -60,14 +60,14 @@ def config(**extra):
 def straight(tmp_path_factory):
     """An undamaged run with checkpoints at steps 10, 20, 30 (never modified by the tests)."""
     workdir = tmp_path_factory.mktemp("straight")
-    loop.train(config(), workdir)
+    trainer.train_model(config(), workdir)
     return workdir
 
 
 @pytest.fixture(scope="module")
 def states(straight):
     """The undamaged state of every step."""
-    s = loop.setup(config(), straight)
+    s = build.setup(config(), straight)
     return {step: jax.device_get(s.checkpointer.restore(s.state, step=step)[0]) for step in STEPS}
 
 
@@ -128,19 +128,19 @@ def test_locked_workdir_is_refused_and_a_killed_holder_is_taken_over(straight, t
         pid = int(wait_for_line(holder, "holding").split()[1])
         start = time.perf_counter()
         with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"in use by pid {pid} on host "):
-            loop.train(config(), workdir)
+            trainer.train_model(config(), workdir)
         assert time.perf_counter() - start < 1.0  # refused before building anything
-        loop.setup(config(), workdir)
+        build.setup(config(), workdir)
         assert (workdir / "checkpoints" / IN_FLIGHT).is_dir()
     finally:
         holder.kill()
         holder.wait()
     assert holder.returncode == -signal.SIGKILL
     with caplog.at_level(logging.WARNING):
-        loop.train(config(), workdir)
+        trainer.train_model(config(), workdir)
     assert f"taking over the lock {workdir / workdir_lock.LOCK_FILE}: its holder pid {pid} on host" in caplog.text
     assert not (workdir / "checkpoints" / IN_FLIGHT).exists()
-    assert_states_equal(loop.setup(config(), workdir).state, loop.setup(config(), straight).state)
+    assert_states_equal(build.setup(config(), workdir).state, build.setup(config(), straight).state)
 
 
 def test_lock_from_another_host_is_not_taken_over(tmp_path):
@@ -193,7 +193,7 @@ def test_damaged_newest_is_reported_and_the_newest_intact_restored(name, straigh
     inject(ckpt)
     damaged_step = 40 if good_step == 30 else 30
     with caplog.at_level(logging.WARNING):
-        s = loop.setup(config(), workdir)
+        s = build.setup(config(), workdir)
     assert_states_equal(s.state, states[good_step])
     assert caplog.text.count("is damaged") == 1
     moved = re.escape(f"; moved to {ckpt / 'damaged' / str(damaged_step)}. Using step {good_step}, the newest intact")
@@ -206,9 +206,9 @@ def test_resume_after_a_flipped_bit_ends_bitwise_equal(straight, states, tmp_pat
     workdir = copy(straight, tmp_path)
     flip_bit(largest_array_file(workdir / "checkpoints" / "30"))
     with caplog.at_level(logging.WARNING):
-        metrics = loop.train(config(), workdir)
+        metrics = trainer.train_model(config(), workdir)
     assert metrics["steps"] == 30 and "step 30" in caplog.text and "is damaged" in caplog.text
-    s = loop.setup(config(), workdir)
+    s = build.setup(config(), workdir)
     assert s.checkpointer.all_steps() == list(STEPS)
     assert integrity.verify(workdir / "checkpoints" / "30", 30) is None
     assert_states_equal(s.state, states[30])
@@ -218,7 +218,7 @@ def test_sample_mode_uses_the_newest_intact_checkpoint(straight, tmp_path, caplo
     workdir = copy(straight, tmp_path)
     (workdir / "checkpoints" / "30" / "state" / "_METADATA").unlink()
     with caplog.at_level(logging.WARNING):
-        out = loop.sample(config(**{"eval.num_samples": 8}), workdir)
+        out = modes.run_sample(config(**{"eval.num_samples": 8}), workdir)
     assert out["step"] == 20 and "step 30" in caplog.text and "_METADATA is missing" in caplog.text
 
 
@@ -230,7 +230,7 @@ def test_nothing_intact_refuses_and_moves_nothing(straight, tmp_path):
         with pytest.raises(checkpoint.CheckpointDamagedError,
                            match=r"no intact checkpoint in .*: step 30: state/_METADATA differs .*; step 20: .*; "
                                  r"step 10: .*Not starting afresh"):
-            loop.train(config(), workdir)
+            trainer.train_model(config(), workdir)
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == list(STEPS)
 
 
@@ -239,7 +239,7 @@ def test_checkpoints_without_any_checksums_are_restored_unverified(straight, sta
     for step in STEPS:
         (workdir / "checkpoints" / str(step) / integrity.CHECKSUM_FILE).unlink()
     with caplog.at_level(logging.WARNING):
-        s = loop.setup(config(), workdir)
+        s = build.setup(config(), workdir)
     assert_states_equal(s.state, states[30])
     assert "step 30" in caplog.text and "carries no checksums" in caplog.text
 
@@ -256,7 +256,7 @@ def test_nonfinite_save_waits_for_the_save_in_flight(states, tmp_path):
     step 31, which is complete and sealed when the error is raised (no temporary folder left)."""
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=3, config=config().to_dict())
     ckpt.save(states[30].replace(step=np.int32(31)))
-    with pytest.raises(loop.NonFiniteError, match=r"ema_params.* at step 32; not saved. Newest intact checkpoint: "
+    with pytest.raises(checkpoint.NonFiniteError, match=r"ema_params.* at step 32; not saved. Newest intact checkpoint: "
                                                   r"step 31 in "):
         ckpt.save(nan_state(states[30], 32))
     assert not list((tmp_path / "checkpoints").glob("*tmp*"))
@@ -267,7 +267,7 @@ def test_nonfinite_save_names_the_newest_intact_step_not_a_damaged_one(straight,
     workdir = copy(straight, tmp_path)
     flip_bit(largest_array_file(workdir / "checkpoints" / "30"))
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, config=config().to_dict())
-    with pytest.raises(loop.NonFiniteError, match=r"at step 31; not saved. Newest intact checkpoint: step 20 in"):
+    with pytest.raises(checkpoint.NonFiniteError, match=r"at step 31; not saved. Newest intact checkpoint: step 20 in"):
         ckpt.save(nan_state(states[30], 31))
 
 
@@ -296,15 +296,15 @@ def test_resume_with_a_changed_definition_is_refused(key, value, old, straight, 
     workdir = copy(straight, tmp_path)
     with pytest.raises(checkpoint.ConfigChangedError,
                        match=rf"{key}: {old!r} \(checkpoint\) vs {value!r} \(config\).*--allow_config_change={key}$"):
-        loop.train(config(**{key: value, "training.n_iters": 40}), workdir)
-    assert loop.setup(config(), workdir).checkpointer.all_steps() == list(STEPS)  # nothing written
+        trainer.train_model(config(**{key: value, "training.n_iters": 40}), workdir)
+    assert build.setup(config(), workdir).checkpointer.all_steps() == list(STEPS)  # nothing written
 
 
 def test_sample_mode_with_a_changed_sde_is_refused_unless_allowed(straight, tmp_path, monkeypatch, capsys):
     workdir = copy(straight, tmp_path)
     changed = config(**{"model.beta_max": 5.0, "eval.num_samples": 8})
     with pytest.raises(checkpoint.ConfigChangedError, match=r"model.beta_max: 20.0 \(checkpoint\) vs 5.0 \(config\)"):
-        loop.sample(changed, workdir)
+        modes.run_sample(changed, workdir)
     settings = {**TINY, **OVERRIDES, "model.beta_max": 5.0, "eval.num_samples": 8}
     flags = [f"--config.{k}={v}" for k, v in settings.items()]
     run_cli(monkeypatch, f"--workdir={workdir}", "--mode=sample", "--allow_config_change=model.beta_max", *flags)
@@ -316,14 +316,14 @@ def test_deliberate_change_on_resume_is_allowed_with_the_override(straight, tmp_
     workdir = copy(straight, tmp_path)
     changed = config(**{"model.prediction": "score", "training.n_iters": 40})
     with caplog.at_level(logging.WARNING):
-        assert loop.train(changed, workdir, allow_config_change=("model.prediction",))["steps"] == 40
+        assert trainer.train_model(changed, workdir, allow_config_change=("model.prediction",))["steps"] == 40
     assert "allowed by allow_config_change: model.prediction: 'eps' (checkpoint) vs 'score'" in caplog.text
-    assert loop.setup(changed, workdir).state.step == 40  # the new config was saved: no override needed now
+    assert build.setup(changed, workdir).state.step == 40  # the new config was saved: no override needed now
 
 
 def test_changed_learning_rate_and_length_resume(straight, tmp_path):
     """Allowed changes pass, and take effect: the steps after the resume log the new learning rate."""
     workdir = copy(straight, tmp_path)
-    assert loop.train(config(**{"optim.lr": 1e-4, "training.n_iters": 40}), workdir)["steps"] == 40
+    assert trainer.train_model(config(**{"optim.lr": 1e-4, "training.n_iters": 40}), workdir)["steps"] == 40
     last = json.loads((workdir / "train_log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 40 and last["learning_rate"] == pytest.approx(1e-4)

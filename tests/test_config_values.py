@@ -10,7 +10,7 @@ import optax
 import pytest
 from configs_helper import ROOT, load_config, tiny_config
 
-from sdejax.training import config as config_lib
+from sdejax.training import config as config_lib, objective
 from sdejax.training import state as state_lib
 from sdejax.training import step as step_lib
 
@@ -58,6 +58,14 @@ BAD_VALUES = [
     ("optim.eps", 0.0, r"optim.eps must be in \(0, inf\)"),
     ("optim.weight_decay", -0.1, r"optim.weight_decay must be in \[0, inf\)"),
     ("seed", "42", r"seed must be an integer; got '42'"),
+    ("sampling.predictor", "reverse", r"unknown sampling.predictor 'reverse'; valid: \['euler_maruyama'"),
+    ("sampling.corrector", "lang", r"unknown sampling.corrector 'lang'; valid: \['langevin'"),
+    ("eval.begin_ckpt", -1, r"eval.begin_ckpt must be an integer >= 0"),
+    ("eval.end_ckpt", -2, r"eval.end_ckpt must be an integer >= -1 \(.*-1: no upper bound\)"),
+    ("data.dataset", "CIFAR-10", r"unknown data.dataset 'CIFAR-10'; valid: \[.*'two_mode'.*'CIFAR10'"),
+    ("model.name", "resnet", r"unknown model.name 'resnet'; valid: \['mlp', 'ncsnpp'"),
+    ("model.precond", "karras", r"unknown model.precond 'karras'; valid: \['default', 'plain', 'edm'\]"),
+    ("training.sde", "edm", r"unknown training.sde 'edm'; valid: \['cosinevpsde'"),
 ]
 
 
@@ -134,7 +142,7 @@ def test_ema_equals_closed_form_product_of_decays(warmup):
     tx = optax.sgd(1.0)
     params = {"params": {"w": jnp.asarray(p0)}}
     state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
-    train_step = step_lib.make_train_step(loss_fn, tx, rate, ema_warmup=warmup)
+    train_step = step_lib.make_train_step(objective.from_loss(loss_fn), tx, rate, ema_warmup=warmup)
     batches = {"x": jnp.zeros((k_steps, 2, 1))}
     state, _ = jax.jit(step_lib.make_multi_step(train_step))(state, batches)
     j = np.arange(k_steps, dtype=np.float64)

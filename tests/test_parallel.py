@@ -23,7 +23,7 @@ import pytest
 
 from configs_helper import TINY, tiny_config
 from helpers import ROOT, free_port, subprocess_env
-from sdejax.training import loop
+from sdejax.training import build, trainer
 
 STEPS = 8
 OVERRIDES = {"training.n_iters": STEPS, "training.n_jitted_steps": 2, "training.log_freq": 2,
@@ -47,7 +47,7 @@ def trajectory(workdir: pathlib.Path) -> np.ndarray:
 
 
 def final_state(cfg, workdir):
-    return jax.device_get(loop.setup(cfg, workdir).state)
+    return jax.device_get(build.setup(cfg, workdir).state)
 
 
 def assert_close(ref_dir, ref_cfg, other_dir, other_cfg):
@@ -63,7 +63,7 @@ def assert_close(ref_dir, ref_cfg, other_dir, other_cfg):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
-    loop.train(config(), workdir)
+    trainer.train_model(config(), workdir)
     assert len(trajectory(workdir)) == STEPS // 2
     return workdir
 
@@ -73,9 +73,9 @@ EIGHT_DEVICES = textwrap.dedent("""
     import jax
     assert jax.device_count() == 8, jax.devices()
     from test_parallel import config, VARIANTS
-    from sdejax.training import loop
+    from sdejax.training import trainer
     for name, extra in VARIANTS.items():
-        loop.train(config(**extra), sys.argv[1] + "/" + name)
+        trainer.train_model(config(**extra), sys.argv[1] + "/" + name)
     print("ok")
 """)
 

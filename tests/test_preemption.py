@@ -14,7 +14,7 @@ import pytest
 
 from configs_helper import tiny_config
 from helpers import ROOT, assert_states_equal, subprocess_env
-from sdejax.training import loop
+from sdejax.training import build, checkpoint, trainer
 
 OVERRIDES = {"training.n_iters": 60, "training.n_jitted_steps": 5, "training.log_freq": 10,
              "training.eval_freq": 0, "training.snapshot_freq": 30, "training.snapshot_freq_for_preemption": 10,
@@ -25,7 +25,7 @@ OVERRIDES = {"training.n_iters": 60, "training.n_jitted_steps": 5, "training.log
 WORKER = textwrap.dedent("""
     import sys, time
     from test_preemption import config
-    from sdejax.training import checkpoint, loop
+    from sdejax.training import checkpoint, trainer
     save = checkpoint.Checkpointer.save
     def announced_save(self, state, *args, **kwargs):
         out = save(self, state, *args, **kwargs)
@@ -33,7 +33,7 @@ WORKER = textwrap.dedent("""
         time.sleep(0.5)
         return out
     checkpoint.Checkpointer.save = announced_save
-    metrics = loop.train(config(), sys.argv[1])
+    metrics = trainer.train_model(config(), sys.argv[1])
     print("done", metrics["steps"], metrics["preempted"], flush=True)
 """)
 
@@ -60,7 +60,7 @@ def run_until(workdir, step: int, sig: int, tmp_path) -> list[str]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    loop.train(config(), workdir)
+    trainer.train_model(config(), workdir)
     return workdir
 
 
@@ -73,15 +73,15 @@ def test_kill_and_sigterm_then_resume_is_bitwise_exact(straight, tmp_path):
     half = workdir / "checkpoints" / "50.orbax-checkpoint-tmp-1234"
     shutil.copytree(workdir / "checkpoints" / "10", half)
     (half / "state" / "_METADATA").write_text("{truncated")
-    steps = loop.setup(config(), workdir).checkpointer.all_steps()
+    steps = build.setup(config(), workdir).checkpointer.all_steps()
     assert 50 not in steps and max(steps) in (10, 20) and not half.exists()  # ignored, then deleted
     lines, code = run_until(workdir, 40, signal.SIGTERM, tmp_path)
     # SIGTERM during the pause after step 40: the next dispatch (5 steps) ends, saves, exits cleanly.
     assert code == 0 and lines[-2:] == ["saved 45", "done 45 True"], lines
-    loop.train(config(), workdir)
-    s = loop.setup(config(), workdir)
+    trainer.train_model(config(), workdir)
+    s = build.setup(config(), workdir)
     assert s.checkpointer.all_steps() == [30, 60]  # snapshots kept, rolling checkpoints rotated
-    assert_states_equal(s.state, loop.setup(config(), straight).state)
+    assert_states_equal(s.state, build.setup(config(), straight).state)
 
 
 def test_mismatched_config_names_the_parameter(straight, tmp_path):
@@ -89,13 +89,13 @@ def test_mismatched_config_names_the_parameter(straight, tmp_path):
     shutil.copytree(straight, workdir)
     with pytest.raises(ValueError, match=r"params/params/Dense_0/bias has shape \(16,\) in the checkpoint "
                                          r"but \(32,\) in the model.*model.features: 16 \(checkpoint\) vs 32"):
-        loop.setup(config(**{"model.features": 32}), workdir)
+        build.setup(config(**{"model.features": 32}), workdir)
 
 
 def test_nonfinite_state_is_never_saved(straight, tmp_path):
-    s = loop.setup(config(), straight)
+    s = build.setup(config(), straight)
     bad = s.state.replace(step=s.state.step + 1, ema_params=jax.tree_util.tree_map(lambda x: x * np.nan,
                                                                                    s.state.ema_params))
-    with pytest.raises(loop.NonFiniteError, match=r"non-finite values in .*ema_params.*at step 61; not saved"):
+    with pytest.raises(checkpoint.NonFiniteError, match=r"non-finite values in .*ema_params.*at step 61; not saved"):
         s.checkpointer.save(bad)
     assert s.checkpointer.all_steps() == [30, 60]

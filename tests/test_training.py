@@ -12,27 +12,27 @@ import pytest
 
 from configs_helper import N, TINY, load_config, tiny_config
 from helpers import assert_states_equal, run_cli, state_leaves
-from sdejax.training import loop
+from sdejax.training import build, checkpoint, modes, trainer
 
 
 @pytest.fixture(scope="module")
 def half_run(tmp_path_factory):
     """A workdir trained for N steps (checkpoint at N)."""
     workdir = tmp_path_factory.mktemp("half")
-    loop.train(tiny_config(**{"training.n_iters": N}), workdir)
+    trainer.train_model(tiny_config(**{"training.n_iters": N}), workdir)
     return workdir
 
 
 def test_resume_is_bitwise_exact(half_run, tmp_path):
     """2N steps straight == N steps + restore + N steps: params, opt state, EMA, step and rng."""
     straight = tmp_path / "straight"
-    loop.train(tiny_config(), straight)
+    trainer.train_model(tiny_config(), straight)
     resumed = tmp_path / "resumed"
     for path in (half_run / "checkpoints").iterdir():  # continue a copy of the N-step run
         (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copytree(path, resumed / "checkpoints" / path.name)
-    loop.train(tiny_config(), resumed)
-    a, b = loop.setup(tiny_config(), straight).state, loop.setup(tiny_config(), resumed).state
+    trainer.train_model(tiny_config(), resumed)
+    a, b = build.setup(tiny_config(), straight).state, build.setup(tiny_config(), resumed).state
     assert int(a.step) == 2 * N
     assert_states_equal(a, b)
     assert not np.array_equal(jax.tree_util.tree_leaves(a.params)[0], jax.tree_util.tree_leaves(a.ema_params)[0])
@@ -43,13 +43,13 @@ def test_unrolled_steps_match_the_scan(half_run, tmp_path):
     unrolled, == the scanned N steps up to float32 rounding (same maths; fusion may differ in the
     last bit, which Adam's g/|g| can amplify for near-zero gradients: atol 1e-5 ≈ 1% of a step)."""
     unrolled = tmp_path / "unrolled"
-    loop.train(tiny_config(**{"training.n_iters": N, "training.unroll_steps": True}), unrolled)
+    trainer.train_model(tiny_config(**{"training.n_iters": N, "training.unroll_steps": True}), unrolled)
     accum = tmp_path / "accum"
-    loop.train(tiny_config(**{"training.n_iters": N, "training.unroll_steps": True,
+    trainer.train_model(tiny_config(**{"training.n_iters": N, "training.unroll_steps": True,
                               "training.grad_accum_steps": 2}), accum)
-    ref = loop.setup(tiny_config(), half_run).state
+    ref = build.setup(tiny_config(), half_run).state
     for workdir in (unrolled, accum):
-        got = loop.setup(tiny_config(), workdir).state
+        got = build.setup(tiny_config(), workdir).state
         assert int(got.step) == N
         for (path, a), (_, b) in zip(*(state_leaves(x.params)[0] for x in (ref, got))):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
@@ -60,16 +60,16 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(half_run, tmp_path):
     non-finite; the error names that step and the quantity, and the step-N checkpoint is untouched."""
     workdir = tmp_path / "nan"
     shutil.copytree(half_run, workdir)
-    good = loop.setup(tiny_config(), workdir).state
-    with pytest.raises(loop.NonFiniteError, match=rf"non-finite loss = .* at training step {N + 1}"):
-        loop.train(tiny_config(**{"optim.lr": 1e30}), workdir)
-    s = loop.setup(tiny_config(), workdir)
+    good = build.setup(tiny_config(), workdir).state
+    with pytest.raises(checkpoint.NonFiniteError, match=rf"non-finite loss = .* at training step {N + 1}"):
+        trainer.train_model(tiny_config(**{"optim.lr": 1e30}), workdir)
+    s = build.setup(tiny_config(), workdir)
     assert s.checkpointer.all_steps() == [N]
     assert_states_equal(s.state, good)
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("data.dataset", "moons", "unknown toy dataset 'moons'"),
+    ("data.dataset", "moons", "unknown data.dataset 'moons'"),
     ("model.name", "resnet", "unknown model.name 'resnet'"),
     ("optim.optimizer", "SGD", "unknown optim.optimizer 'SGD'"),
     ("training.sde", "edm", "unknown training.sde 'edm'"),
@@ -84,20 +84,20 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(half_run, tmp_path):
 ])
 def test_bad_config_fails_fast(key, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        loop.setup(tiny_config(**{key: value}), tmp_path)
+        build.setup(tiny_config(**{key: value}), tmp_path)
 
 
 def test_missing_key_and_unknown_sampler(tmp_path):
     config = tiny_config()
     del config.training["sde"]
     with pytest.raises(ValueError, match=r"missing config key\(s\) \['training.sde'\]"):
-        loop.setup(config, tmp_path)
+        build.setup(config, tmp_path)
     with pytest.raises(ValueError, match="unknown sampling method 'dpm'"):
-        loop.draw_samples(loop.setup(tiny_config(), tmp_path), "dpm", 4, jax.random.PRNGKey(0))
+        modes.draw_samples(build.setup(tiny_config(), tmp_path), "dpm", 4, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="unknown sampling method 'dpm'"):  # before any training
-        loop.setup(tiny_config(**{"sampling.method": "dpm"}), tmp_path / "early")
+        build.setup(tiny_config(**{"sampling.method": "dpm"}), tmp_path / "early")
     with pytest.raises(ValueError, match="unknown variant 'bh3'"):
-        loop.setup(tiny_config(**{"sampling.method": "unipc", "sampling.variant": "bh3"}), tmp_path / "early")
+        build.setup(tiny_config(**{"sampling.method": "unipc", "sampling.variant": "bh3"}), tmp_path / "early")
 
 
 def test_cli_train_eval_sample(tmp_path, capsys, monkeypatch):
@@ -128,7 +128,7 @@ def test_quick_start_reaches_true_entropy(tmp_path):
     config = load_config("default_toy.py")
     config.eval.enable_sampling = False
     config.eval.rtol = config.eval.atol = 1e-3
-    metrics = loop.train(config, tmp_path)
+    metrics = trainer.train_model(config, tmp_path)
     bpd, true = metrics["heldout"]["bits_per_dim"], metrics["true_entropy"]["bits_per_dim"]
     print(f"held-out bits/dim {bpd:.4f} ± {metrics['heldout']['bits_per_dim_se']:.4f}, true entropy {true:.4f}, "
           f"training {metrics['train_wall_s']:.1f} s")

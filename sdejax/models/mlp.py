@@ -20,6 +20,9 @@ from sdejax.models.layers import GaussianFourierProjection, get_act, timestep_em
 Array = jax.Array
 
 EMBEDDINGS = ("fourier", "positional")
+# The `config.model` keys `from_config` reads (besides those every model shares, which
+# `sdejax.training.config` adds: name, EMA, SDE, preconditioning).
+CONFIG_KEYS = frozenset({"features", "depth", "embedding_type", "embedding_size", "fourier_scale", "nonlinearity"})
 
 
 class MLP(nn.Module):
@@ -54,6 +57,13 @@ class MLP(nn.Module):
             h = h + nn.Dense(self.features)(act(z))
         out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros)(act(h))
         return jnp.reshape(out, x.shape)
+
+
+def from_config(config: Any) -> MLP:
+    """The MLP of `config.model` (`CONFIG_KEYS`)."""
+    m = config.model
+    return MLP(features=m.features, depth=m.depth, embedding_type=m.embedding_type, embedding_size=m.embedding_size,
+               fourier_scale=m.fourier_scale, nonlinearity=m.nonlinearity)
 
 
 def make_apply_fn(model: nn.Module) -> Callable[..., Array]:

@@ -1,4 +1,6 @@
-"""Model registry: `get_model(config)` builds the Flax module named by `config.model.name`.
+"""Model registry: `get_model(config)` builds the Flax module named by `config.model.name`; each
+entry of `MODELS` declares the `config.model` keys its builder reads (`Network.keys`), against which
+`sdejax.training.config.check_config` checks a config before anything is built.
 
 The network contract: `model.apply(variables, x_nhwc, labels, y=None, train=False,
 rngs={'dropout': key})`, where `labels` are exactly what the reference score function passes
@@ -8,6 +10,7 @@ index of σ in the descending table). `make_apply_fn` adapts a module to the cor
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -25,6 +28,13 @@ ApplyFn = Callable[..., Array]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+COMMON_KEYS = frozenset({"nonlinearity", "sigma_min", "sigma_max", "num_scales", "num_classes", "dtype"})
+UNET_KEYS = frozenset({"nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
+                       "scale_by_sigma"})
+NCSNPP_KEYS = frozenset({"embedding_type", "conditional", "fir", "fir_kernel", "skip_rescale", "resblock_type",
+                         "progressive", "progressive_input", "progressive_combine", "fourier_scale", "init_scale"})
+
+
 def _common(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Fields every network takes (data shape, noise table, compute dtype, classes)."""
     m, d = config.model, config.data
@@ -36,7 +46,7 @@ def _common(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 num_scales=m.num_scales, num_classes=m.get("num_classes", 0), dtype=DTYPES[dtype_name])
 
 
-def _unet_common(m: ml_collections.ConfigDict) -> dict[str, Any]:
+def _unet_common(m: ml_collections.ConfigDict) -> dict[str, Any]:  # UNET_KEYS
     return dict(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), dropout=float(m.dropout),
                 resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma)
@@ -70,13 +80,26 @@ def _ncsn(config: ml_collections.ConfigDict) -> nn.Module:
     return NCSN(**_common(config), nf=config.model.nf, normalization=config.model.normalization)
 
 
-MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "ncsnpp": _ncsnpp,
-    "ddpm": _ddpm,
-    "ncsn": _ncsn,
-    "ncsnv2_64": _ncsnv2(64),
-    "ncsnv2_128": _ncsnv2(128),
-    "ncsnv2_256": _ncsnv2(256),
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A network builder `build(config) -> module` and the `config.model` keys it reads (besides
+    `name`; the keys every model shares, SDE, EMA and preconditioning, are the driver's)."""
+
+    build: Callable[[ml_collections.ConfigDict], nn.Module]
+    keys: frozenset[str]
+
+    def __call__(self, config: ml_collections.ConfigDict) -> nn.Module:
+        return self.build(config)
+
+
+_NCSNV2_KEYS = COMMON_KEYS | {"nf", "normalization", "flavor"}
+MODELS: dict[str, Network] = {
+    "ncsnpp": Network(_ncsnpp, COMMON_KEYS | UNET_KEYS | NCSNPP_KEYS),
+    "ddpm": Network(_ddpm, COMMON_KEYS | UNET_KEYS | {"conditional"}),
+    "ncsn": Network(_ncsn, COMMON_KEYS | {"nf", "normalization"}),
+    "ncsnv2_64": Network(_ncsnv2(64), _NCSNV2_KEYS),
+    "ncsnv2_128": Network(_ncsnv2(128), _NCSNV2_KEYS),
+    "ncsnv2_256": Network(_ncsnv2(256), _NCSNV2_KEYS),
 }
 
 

@@ -1,7 +1,8 @@
 """Fail-fast checks of an ml_collections config: every section and key must be known (a typo such
-as `training.batchsize` raises with the list of valid keys), the keys the loop reads must exist,
-and every size, count, frequency, rate and name the driver reads must be in its valid range
-(`VALUE_RULES`; a message names the key, the range and the value).
+as `training.batchsize` raises with the list of valid keys; `config.model` keys are checked against
+those the chosen network declares, `model_keys`), the keys the driver reads must exist, and every
+size, count, frequency, rate and name the driver reads must be in its valid range (`VALUE_RULES`;
+a message names the key, the range and the value), all before anything is built.
 
 The key names are those of score_sde, plus a few sdejax additions (marked below).
 """
@@ -16,7 +17,10 @@ from typing import Any
 import ml_collections
 
 from sdejax import likelihood
-from sdejax.sampling import methods
+from sdejax import sde as sde_lib
+from sdejax.data import registry as data_registry, toy
+from sdejax.models import mlp, registry as model_registry
+from sdejax.sampling import methods, pc
 from sdejax.training import parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
@@ -24,8 +28,10 @@ _SCORE_SDE_KEYS: dict[str, set[str]] = {
                  "snapshot_freq_for_preemption", "snapshot_sampling", "likelihood_weighting",
                  "continuous", "reduce_mean", "sde", "n_jitted_steps"},
     "sampling": {"n_steps_each", "noise_removal", "probability_flow", "snr", "method", "predictor", "corrector"},
+    # begin_ckpt/end_ckpt: --mode=eval evaluates every retained checkpoint whose (orbax) step is in
+    # [begin_ckpt, end_ckpt] (end_ckpt = -1: no upper bound); both 0 (the default): the newest only.
     "eval": {"begin_ckpt", "end_ckpt", "batch_size", "enable_sampling", "num_samples", "enable_loss",
-             "enable_bpd", "bpd_dataset"},
+             "enable_bpd"},
     "data": {"dataset", "image_size", "random_flip", "uniform_dequantization", "centered", "num_channels",
              "category", "tfrecords_path"},
     "optim": {"weight_decay", "optimizer", "lr", "beta1", "eps", "warmup", "grad_clip", "amsgrad"},
@@ -69,11 +75,15 @@ REQUIRED_KEYS: dict[str, set[str]] = {
     "optim": {"optimizer", "lr", "beta1", "eps", "warmup", "grad_clip", "weight_decay"},
 }
 
-# precond/sigma_data/noise_labels: how the network sees (x, t) (sdejax.training.loop.get_precond).
-PRECOND_KEYS = {"precond", "sigma_data", "noise_labels"}
-MLP_MODEL_KEYS = {"name", "ema_rate", "ema_warmup", "prediction", "features", "depth", "embedding_type",
-                  "embedding_size", "fourier_scale", "nonlinearity", "sigma_min", "sigma_max", "num_scales",
-                  "beta_min", "beta_max", *PRECOND_KEYS}
+# The config.model keys every network shares: name, EMA, the SDE's parameters (sdejax.training.build
+# SDE_PARAMS, num_scales), the parameterisation (prediction; precond/sigma_data/noise_labels: how the
+# network sees (x, t), sdejax.training.build.build_precond) and a score_sde checkpoint to start from.
+PRECONDS = ("default", "plain", "edm")
+SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "sigma_max", "num_scales", "beta_min",
+                               "beta_max", "prediction", "precond", "sigma_data", "noise_labels", "flax_checkpoint"})
+# Each network's own keys: the MLP's (built by the driver) and every U-Net's of sdejax.models.registry.
+NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
+                                           **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
 
 
@@ -138,6 +148,8 @@ VALUE_RULES: dict[str, Rule] = {
     "training.parallelism": one_of(parallel.PARALLELISM),
     "training.eps": interval(0.0, 1.0, "()"),
     "training.p_std": POSITIVE,
+    "sampling.predictor": one_of(pc.PREDICTORS),
+    "sampling.corrector": one_of(pc.CORRECTORS),
     "sampling.snr": NON_NEGATIVE,
     "sampling.n_steps_each": at_least(1),
     "eval.batch_size": at_least(1),
@@ -147,8 +159,13 @@ VALUE_RULES: dict[str, Rule] = {
     "eval.rtol": NON_NEGATIVE,
     "eval.atol": NON_NEGATIVE,
     "eval.divergence": one_of(likelihood.DIVERGENCES),
+    "eval.begin_ckpt": at_least(0, "the first checkpoint step to evaluate; 0 with end_ckpt = 0: the newest only"),
+    "eval.end_ckpt": at_least(-1, "the last checkpoint step to evaluate; -1: no upper bound"),
+    "data.dataset": one_of(tuple(sorted(toy.TOY_DISTRIBUTIONS)) + tuple(sorted(data_registry.DATASETS))),
     "data.num_heldout": at_least(1),
     "data.num_train": at_least(0, "0: fresh samples every step"),
+    "model.name": one_of(tuple(NETWORK_KEYS)),
+    "model.precond": one_of(PRECONDS),
     "model.ema_rate": interval(0.0, 1.0, "[)"),
     "model.ema_warmup": BOOL,
     "optim.optimizer": one_of(state.OPTIMIZERS),
@@ -158,6 +175,8 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.beta1": interval(0.0, 1.0, "[)"),
     "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
+    "training.sde": Rule(f"one of {sorted(sde_lib.SDES)}", lambda v: isinstance(v, str) and v.lower() in sde_lib.SDES,
+                         tuple(sorted(sde_lib.SDES))),
     "seed": Rule("an integer", _is_int),
 }
 
@@ -182,6 +201,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if t.batch_size % t.get("grad_accum_steps", 1):
         raise ValueError(f"training.batch_size={t.batch_size} must be a multiple of "
                          f"training.grad_accum_steps={t.grad_accum_steps} (equal microbatches)")
+    begin, end = config.eval.get("begin_ckpt", 0), config.eval.get("end_ckpt", 0)
+    if end >= 0 and begin > end:
+        raise ValueError(f"eval.begin_ckpt={begin} > eval.end_ckpt={end}: no checkpoint step is in the range "
+                         "(eval.end_ckpt = -1: no upper bound)")
 
 
 def nothing_to_train(step: int, n_iters: int) -> str | None:
@@ -192,21 +215,29 @@ def nothing_to_train(step: int, n_iters: int) -> str | None:
             f"raise training.n_iters to continue training")
 
 
-def _check_keys(where: str, present: set[str], valid: set[str] | None, required: set[str]) -> None:
+def _check_keys(where: str, present: set[str], valid: set[str] | None, required: set[str],
+                owner: str = "") -> None:
     if valid is not None and (unknown := present - valid):
         raise ValueError(f"unknown config key(s) {sorted(f'{where}.{k}' for k in unknown)}; "
-                         f"valid keys of {where}: {sorted(valid)}")
+                         f"valid keys of {where}{owner}: {sorted(valid)}")
     if missing := required - present:
         raise ValueError(f"missing config key(s) {sorted(f'{where}.{k}' for k in missing)}")
 
 
+def model_keys(name: str) -> frozenset[str]:
+    """The `config.model` keys valid for the network `name`: its declared ones and the shared ones."""
+    if name not in NETWORK_KEYS:
+        raise VALUE_RULES["model.name"].error("model.name", name)
+    return NETWORK_KEYS[name] | SHARED_MODEL_KEYS
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming any unknown or missing key. Model keys are checked exactly for the
-    MLP; other model names are checked by their builder in `sdejax.models`."""
+    """Raise ValueError naming any unknown or missing key (`config.model`'s against `model_keys` of
+    `model.name`) or any value out of its range (`check_values`)."""
     _check_keys("config", set(config.keys()), TOP_LEVEL, TOP_LEVEL)
     for section, required in REQUIRED_KEYS.items():
-        valid = VALID_KEYS.get(section)
-        if section == "model":
-            valid = MLP_MODEL_KEYS if config.model.get("name") == "mlp" else None
-        _check_keys(section, set(config[section].keys()), valid, required)
+        valid, owner = VALID_KEYS.get(section), ""
+        if section == "model" and "name" in config.model:
+            valid, owner = model_keys(config.model.name), f" for model.name={config.model.name!r}"
+        _check_keys(section, set(config[section].keys()), valid, required, owner)
     check_values(config)

@@ -1,5 +1,7 @@
 """Pure step functions: `train_step(state, batch) -> (state, metrics)`, its `lax.scan` over a
-stack of batches (several steps per dispatch), and `eval_step(params, rng, batch) -> loss`.
+stack of batches (several steps per dispatch), and `eval_step(params, rng, batch, context) -> loss`.
+Both call an objective `objective(params, rng, batch, context)` (`sdejax.training.objective`); the
+train step builds the context (step, EMA params) from the state it is given.
 
 Loops over steps and gradient-accumulation microbatches are `lax.scan`s, or with `unroll=True`
 Python loops traced into one program (the same maths): XLA:CPU runs convolution gradients ~25x
@@ -21,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sdejax.training.objective import Context, Objective, context_from_state
 from sdejax.training.state import TrainState, ema_decay, ema_update
 
 Array = jax.Array
-LossFn = Callable[[Any, Array, dict], tuple[Array, dict]]
 
 
 def _global_index(n: int, axis_name: Optional[str]) -> Array:
@@ -53,11 +55,13 @@ def scan(body: Callable, carry: Any, xs: Any, unroll: bool = False) -> tuple[Any
     return carry, jax.tree_util.tree_map(lambda *v: jnp.stack(v), *outputs)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate: float, *,
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, ema_rate: float, *,
                     ema_warmup: bool = False, grad_accum_steps: int = 1, axis_name: Optional[str] = None,
                     unroll: bool = False):
-    """One optimizer step: grads of `loss_fn(params, step_rng, batch)`, optax update, EMA update
-    (decay `ema_rate`, or with `ema_warmup` diffusers' warm-up of it: `sdejax.training.state.ema_decay`).
+    """One optimizer step: grads of `objective(params, step_rng, batch, context)` with respect to
+    params, the context (`context_from_state`) holding the state's step and EMA params before the
+    update; optax update, EMA update (decay `ema_rate`, or with `ema_warmup` diffusers' warm-up of
+    it: `sdejax.training.state.ema_decay`).
 
     grad = (1/A) Σ_m ∇L(microbatch m) for `grad_accum_steps` = A (equal microbatches, so this is
     the gradient of the batch mean); with `axis_name` (pmap) loss and grads are averaged over it.
@@ -66,19 +70,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate:
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1; got {grad_accum_steps}")
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def loss_and_grads(params, rng, batch):
+    def loss_and_grads(params, rng, batch, context):
         n = batch["x"].shape[0]
         if n % grad_accum_steps:
             raise ValueError(f"batch of {n} rows per shard is not divisible by grad_accum_steps={grad_accum_steps}")
         batch = {**batch, "index": _global_index(n, axis_name)}
         if grad_accum_steps == 1:
-            (loss, _), grads = grad_fn(params, rng, batch)
+            (loss, _), grads = grad_fn(params, rng, batch, context)
             return loss, grads
 
         def accumulate(carry, micro):
-            (loss, _), grads = grad_fn(params, rng, micro)
+            (loss, _), grads = grad_fn(params, rng, micro, context)
             return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
@@ -87,7 +91,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_rate:
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        loss, grads = loss_and_grads(state.params, step_rng, batch)
+        loss, grads = loss_and_grads(state.params, step_rng, batch, context_from_state(state))
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -110,10 +114,10 @@ def make_multi_step(train_step: Callable[[TrainState, dict], tuple[TrainState, d
     return multi_step
 
 
-def make_eval_step(loss_fn: LossFn):
-    """`eval_step(params, rng, batch) -> loss` (use with EMA params and an eval-mode loss)."""
+def make_eval_step(objective: Objective):
+    """`eval_step(params, rng, batch, context) -> loss` (use with EMA params and an eval-mode objective)."""
 
-    def eval_step(params: Any, rng: Array, batch: dict) -> Array:
-        return loss_fn(params, rng, batch)[0]
+    def eval_step(params: Any, rng: Array, batch: dict, context: Context) -> Array:
+        return objective(params, rng, batch, context)[0]
 
     return eval_step

@@ -1,0 +1,158 @@
+"""Objects built from a config: random streams, the SDE, the network, its preconditioning, the
+training objective, the score function and the optimizer; `setup` builds them all (with the data
+source, the device placement and the checkpointer) and restores the newest intact checkpoint.
+
+Randomness: every stream is `fold_in(PRNGKey(config.seed), stream)` (`stream_key`). Toy batches
+of step s are drawn from `fold_in(data_key, s)`; image batches come from the TFDS pipeline, whose
+iterator state is checkpointed; the loss noise comes from the state's rng, folded per example with
+its global index (`step.py`). A resumed run therefore continues exactly as an uninterrupted one,
+and the trajectory does not depend on the number of devices or processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sdejax import losses, score
+from sdejax import precond as precond_lib
+from sdejax import sde as sde_lib
+from sdejax.models import convert_flax, mlp, registry
+from sdejax.sampling import methods
+from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
+from sdejax.training import sources, state as state_lib
+
+Array = jax.Array
+
+STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6, "monitor": 7}
+SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
+              "subvpsde": ("beta_min", "beta_max"), "cosinevpsde": (), "edmsde": ("sigma_min", "sigma_max")}
+DISCRETE_LOSSES = {"vesde": losses.get_smld_loss_fn, "vpsde": losses.get_ddpm_loss_fn}
+
+
+def stream_key(config: ml_collections.ConfigDict, stream: str) -> Array:
+    """The key of one named random stream (`STREAMS`) of the run."""
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), STREAMS[stream])
+
+
+def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
+    """`config.training.sde` with its parameters from `config.model` (score_sde's key names)."""
+    name = config.training.sde.lower()
+    if name not in SDE_PARAMS:
+        raise ValueError(f"unknown training.sde {config.training.sde!r}; valid: {sorted(SDE_PARAMS)}")
+    kwargs = {k: float(config.model[k]) for k in SDE_PARAMS[name]}
+    return sde_lib.get_sde(name, N=int(config.model.num_scales), **kwargs)
+
+
+def build_model(config: ml_collections.ConfigDict, rng: Array, x: Array) -> tuple[Callable[..., Array], Any]:
+    """(apply_fn, variables) for `config.model.name`: "mlp" (`sdejax.models.mlp`, initialised on
+    the example `x[:1]`), every other name from the U-Net registry `sdejax.models.registry`."""
+    name = config.model.name
+    if name == "mlp":
+        model = mlp.from_config(config)
+        return mlp.make_apply_fn(model), model.init({"params": rng}, x[:1], jnp.ones((1,), x.dtype))
+    if name not in registry.MODELS:
+        raise ValueError(f"unknown model.name {name!r}; valid: {sorted(['mlp', *registry.MODELS])}")
+    model, variables = registry.init_model(config, rng)
+    return registry.make_apply_fn(model), variables
+
+
+def build_precond(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> precond_lib.Precond:
+    """`model.precond`: "default" (the schedule's own, `sde.default_precond`, with `model.prediction`),
+    "plain" (`model.prediction` from labels `model.noise_labels`) or "edm" (`model.sigma_data`)."""
+    m = config.model
+    name = m.get("precond", "default")
+    if name not in config_lib.PRECONDS:
+        raise ValueError(f"unknown model.precond {name!r}; valid: {list(config_lib.PRECONDS)}")
+    if name == "edm":
+        return precond_lib.Precond.edm(float(m.get("sigma_data", 0.5)))
+    if name == "plain":
+        return precond_lib.Precond.plain(m.get("prediction") or "eps", m.get("noise_labels", "time"))
+    return score.resolve_precond(sde, None, m.get("prediction"), config.training.continuous)
+
+
+def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, train: bool) -> losses.LossFn:
+    """The library loss `loss_fn(params, rng, batch) -> (loss, aux)`: continuous DSM (EDM's loss with
+    model.precond = "edm" and training.time_sampling = "lognormal"), or for `training.continuous =
+    False` SMLD (VE) / DDPM (VP), as the original."""
+    t = config.training
+    if t.continuous:
+        return losses.get_sde_loss_fn(sde, apply_fn, train, reduce_mean=t.reduce_mean, continuous=True,
+                                      likelihood_weighting=t.likelihood_weighting,
+                                      importance_weighting=t.get("importance_weighting", False),
+                                      precond=build_precond(config, sde), eps=t.get("eps", max(1e-5, sde.t_min)),
+                                      time_sampling=t.get("time_sampling", "uniform"),
+                                      p_mean=t.get("p_mean", -1.2), p_std=t.get("p_std", 1.2))
+    name = t.sde.lower()
+    if name not in DISCRETE_LOSSES:
+        raise ValueError(f"discrete training (training.continuous=False) supports {sorted(DISCRETE_LOSSES)}; "
+                         f"got {t.sde!r}")
+    return DISCRETE_LOSSES[name](sde, apply_fn, train, reduce_mean=t.reduce_mean)
+
+
+def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn,
+                    train: bool) -> objective_lib.Objective:
+    """What the train step (and the eval loss) call: `objective(params, rng, batch, context)`; today
+    the library loss of `build_loss_fn`, which needs no context (`objective.from_loss`)."""
+    return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
+
+
+def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, params) -> Callable[[Array, Array], Array]:
+    """`score_fn(x, t)` of the network with `params`, read through the configured preconditioner."""
+    return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the modes share, built from a config. `state` is un-replicated (what is saved)."""
+
+    config: ml_collections.ConfigDict
+    sde: sde_lib.SDE
+    data: sources.DataSource
+    apply_fn: Callable[..., Array]
+    tx: Any
+    state: state_lib.TrainState
+    checkpointer: checkpoint.Checkpointer
+    placement: parallel.Placement
+    compiled: dict = dataclasses.field(default_factory=dict)  # programs compiled for this setup, by name
+
+
+def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx) -> state_lib.TrainState:
+    """Step 0 from fresh `variables`, or from a score_sde Flax checkpoint (`model.flax_checkpoint`):
+    its training params, and its EMA."""
+    path = config.model.get("flax_checkpoint", "")
+    if not path:
+        return state_lib.create_train_state(variables, tx, stream_key(config, "state"))
+    original = convert_flax.read_flax_checkpoint(path)
+    state = state_lib.create_train_state(convert_flax.from_flax_params(original["optimizer"]["target"], config),
+                                         tx, stream_key(config, "state"))
+    return state.replace(ema_params=convert_flax.from_flax_params(original["params_ema"], config))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_config_change: tuple[str, ...] = (),
+          step: int | None = None) -> Setup:
+    """Check the config, build SDE/data/model/optimizer/placement, and restore the newest intact
+    checkpoint (or the one at `step`), state and data-iterator position, if any; its config must
+    match this one outside `checkpoint.MAY_CHANGE` and the keys named in `allow_config_change`."""
+    config_lib.check_config(config)
+    placement = parallel.get_placement(config.training.get("parallelism", "jit"))
+    sde = build_sde(config)
+    data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
+    apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
+    build_objective(config, sde, apply_fn, train=True)  # the objective's and the sampler's settings fail
+    methods.from_config(config.sampling)  # here, before any work
+    tx = state_lib.get_optimizer(config.optim)
+    state = _initial_state(config, variables, tx)
+    t = config.training
+    ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=t.get("keep_checkpoints", 1),
+                                   keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None,
+                                   config=config.to_dict(), allow_config_change=allow_config_change)
+    restored = ckpt.restore(state, step=step, sharding=placement.state_sharding())
+    if restored is not None:
+        state, data_state = restored
+        data.set_state(data_state)
+    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement)
