@@ -5,15 +5,25 @@ Oracle. Data N(μ, Σ) (non-diagonal Σ), exact score (`gaussian_score`). With `
 sampler's ideal output is Tweedie's x̂_0(x_eps), x_eps ~ p_eps = N(α μ, C), C = α²Σ + σ²I at t = eps:
 mean μ and covariance (C − 2σ²I + σ⁴C⁻¹)/α² (`denoised_target`).
 
-Tolerance per entry of the mean and covariance of the N-step run:
-    4 Monte-Carlo standard errors (estimated from the samples)
-  + 2|m_N − m_2N|: the discretisation bias of a first-order method, measured by halving every step
-    (N → 2N grid points; for correctors ε ∝ snr² so snr → snr/√2; corrector-only runs keep snr and
-    n_steps: there the error is the lag of the chain behind the moving target, ∝ 1/N)
+Tolerance (`assert_moments`, entrywise for the mean and covariance). A first-order sampler's
+statistic with N steps is m_N = m + c/N + O(1/N²). Halving every step (N → 2N grid points; for
+correctors ε ∝ snr², so snr → snr/√2; corrector-only runs keep snr and n_steps: there the error is the
+lag of the chain behind the moving target, ∝ 1/N) gives the Richardson extrapolation
+E = 2 m_2N − m_N = m + O(1/N²), which must match the target within
+    4 Monte-Carlo standard errors of E (from the paired per-example terms 2 f(x_2N,i) − f(x_N,i): the
+    two runs share the prior draw, which makes deterministic samplers' pairs nearly identical, so
+    SE(E) ≈ SE(m_N) there and ≤ √5 SE(m_N) for independent noise; `richardson_moments`)
   + the prior mismatch: started from N(0, prior_std² I) instead of p_T, the exact reverse process ends
     with mean error K α_T μ and covariance error K (prior_std² I − C_T) Kᵀ, K = α_T Σ C_T⁻¹ (x_0 | x_T is
     Gaussian with mean μ + K(x_T − α_T μ)); ≤ 1e-3 here (σ_max = 20 for VE, α_T ≈ 7e-3 for VP/sub-VP).
-  + for the `langevin` corrector only, the bias of its per-example step (see `langevin_allowance`).
+    It does not depend on N, so E carries it unchanged.
+  + for the `langevin` corrector only, twice the bias bound D of its per-example step (see
+    `langevin_allowance`; it does not vanish with the step: if both runs' biases lie between 0 and D,
+    2 b_2N − b_N lies between −D and 2D).
+The N-step run itself is then allowed its estimated bias b = m_N − E = 2(m_N − m_2N) (printed) on top
+of 4 of its own standard errors and the same extra terms. Unlike the earlier allowance
+(4 SE + 2|m_N − m_2N|, which grows with the sampler's own error), a sampler that converges to a wrong
+law fails the check on E however large its step-dependence.
 
 The exact scores here (`gaussian_score`, `isotropic_mixture_score`) do their linear algebra on the host.
 `GaussianMixture.marginal_score` differentiates a Cholesky-based density: four batched LAPACK calls
@@ -144,24 +154,68 @@ def langevin_allowance(d: int):
 
 
 def sample_moments(x: np.ndarray):
-    """Mean, covariance and their standard errors (from the per-sample terms)."""
+    """Mean, covariance (divisor n − 1) and their standard errors (from the per-sample terms)."""
+    x = np.asarray(x, np.float64)
     n = x.shape[0]
     m = x.mean(0)
     dev = x - m
-    prods = dev[:, :, None] * dev[:, None, :]
+    prods = dev[:, :, None] * dev[:, None, :] * (n / (n - 1))
     return m, prods.mean(0), x.std(0) / np.sqrt(n), prods.std(0) / np.sqrt(n)
 
 
-def assert_moments(x, x_fine, target_mean, target_cov, extra_mean=0.0, extra_cov=0.0, label=""):
-    """|moment_N − target| ≤ 4 SE + 2|moment_N − moment_2N| + extra, entrywise (module docstring)."""
-    m, c, se_m, se_c = sample_moments(x)
-    m2, c2, _, _ = sample_moments(x_fine)
-    tol_m = 4 * se_m + 2 * np.abs(m - m2) + extra_mean
-    tol_c = 4 * se_c + 2 * np.abs(c - c2) + extra_cov
-    err_m, err_c = np.abs(m - target_mean), np.abs(c - target_cov)
-    print(f"{label}: max mean err {err_m.max():.4f} (tol {tol_m.min():.4f}..), "
-          f"max cov err {err_c.max():.4f} (tol {tol_c.min():.4f}..), halving diff "
-          f"{np.abs(m - m2).max():.4f}/{np.abs(c - c2).max():.4f}")
-    assert np.all(np.isfinite(x)) and np.all(np.isfinite(x_fine)), label
-    assert np.all(err_m <= tol_m), f"{label}: mean {m} vs {target_mean}, tol {tol_m}"
-    assert np.all(err_c <= tol_c), f"{label}: cov {c} vs {target_cov}, tol {tol_c}"
+def richardson_moments(x: np.ndarray, x_fine: np.ndarray, ratio: float = 2.0):
+    """First-order Richardson extrapolation of the mean and covariance, with its standard errors.
+
+    If a statistic's error is ∝ h (h: step, or tolerance) and `x_fine` ran with h/ratio, then
+    E = (ratio·m_fine − m)/(ratio − 1) cancels the leading error (ratio 2: E = 2 m_2N − m_N). Row i of
+    `x` and row i of `x_fine` are one pair (the same prior draw, and the same Brownian path where the
+    sampler allows it), the pairs independent across i; so E is the mean of the per-pair terms
+    e_i = w f(x_fine_i) − (w − 1) f(x_i), w = ratio/(ratio − 1), with f(x) = x for the mean and the
+    centred product for the covariance (delta method), and SE(E) = std(e)/√n. Coupled pairs make
+    SE(E) ≈ SE(m) (deterministic samplers); independent ones give √(w² + (w − 1)²)·SE (√5 at ratio 2).
+    Returns (E_mean, E_cov, SE of E_mean, SE of E_cov).
+    """
+    x, x_fine = np.asarray(x, np.float64), np.asarray(x_fine, np.float64)
+    if x.shape != x_fine.shape:
+        raise ValueError(f"the two runs must be paired row by row; got shapes {x.shape} and {x_fine.shape}")
+    n, w = x.shape[0], ratio / (ratio - 1.0)
+
+    def centred_products(y):
+        dev = y - y.mean(0)
+        return dev[:, :, None] * dev[:, None, :] * (n / (n - 1))
+
+    e_m = w * x_fine - (w - 1.0) * x
+    e_c = w * centred_products(x_fine) - (w - 1.0) * centred_products(x)
+    return e_m.mean(0), e_c.mean(0), e_m.std(0) / np.sqrt(n), e_c.std(0) / np.sqrt(n)
+
+
+def assert_moments(x, x_fine, target_mean, target_cov, extra_mean=0.0, extra_cov=0.0, label="", ratio=2.0,
+                   n_se=4.0):
+    """Richardson check of a first-order sampler's mean and covariance (module docstring), entrywise:
+
+    - the extrapolation E = (ratio·m_fine − m)/(ratio − 1) matches the target within n_se of its own
+      Monte-Carlo standard errors (`richardson_moments`) plus `extra` (the prior mismatch and other
+      biases that do not vanish with the step): |E − target| ≤ n_se·SE(E) + extra;
+    - each run (`x`, then `x_fine`) is allowed its estimated bias b = m − E on top of its own
+      Monte-Carlo error: |m − target| ≤ n_se·SE(m) + |b| + extra.
+    Returns the bias estimates (b_mean, b_cov) of `x` (printed with the errors).
+    """
+    e_m, e_c, se_em, se_ec = richardson_moments(x, x_fine, ratio)
+    checks = [("extrapolated mean", e_m, target_mean, n_se * se_em + extra_mean),
+              ("extrapolated cov", e_c, target_cov, n_se * se_ec + extra_cov)]
+    biases = []
+    for run, y in (("run", x), ("fine run", x_fine)):
+        assert np.all(np.isfinite(y)), f"{label}: {run} has non-finite samples"
+        m, c, se_m, se_c = sample_moments(y)
+        biases.append((m - e_m, c - e_c))
+        checks += [(f"{run} mean", m, target_mean, n_se * se_m + np.abs(m - e_m) + extra_mean),
+                   (f"{run} cov", c, target_cov, n_se * se_c + np.abs(c - e_c) + extra_cov)]
+    (b_m, b_c), _ = biases
+    worst = [float(np.max(np.abs(got - target) / tol)) for _, got, target, tol in checks]
+    print(f"{label}: Richardson E: max |err| mean {np.abs(e_m - target_mean).max():.4f}, cov "
+          f"{np.abs(e_c - target_cov).max():.4f} (max err/tol {worst[0]:.2f}, {worst[1]:.2f}; {n_se:g} SE(E) "
+          f"mean {n_se * se_em.max():.4f}, cov {n_se * se_ec.max():.4f}); bias of the run b = m − E: "
+          f"mean {np.abs(b_m).max():.4f}, cov {np.abs(b_c).max():.4f} (run max err/tol {worst[2]:.2f}, {worst[3]:.2f})")
+    for name, got, target, tol in checks:
+        assert np.all(np.abs(got - target) <= tol), f"{label}: {name} {got} vs {target}, tol {tol}"
+    return b_m, b_c
