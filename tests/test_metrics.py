@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from sdejax.evaluation import metrics
+from sdejax.evaluation import metrics, stats
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,34 @@ def fid_math(fixtures_dir):
 
 
 def test_frechet_distance_matches_fixture(fid_math):
+    """sdejax's FID and trace term against the reference's arrays and its recorded results (both routes)."""
     a, results = fid_math
     fid = metrics.frechet_distance(a["mu1"], a["sigma1"], a["mu2"], a["sigma2"])
+    trace = metrics.trace_sqrt_product(a["sigma1"], a["sigma2"])
     np.testing.assert_allclose(fid, a["fid"], rtol=1e-8)
-    np.testing.assert_allclose(metrics.trace_sqrt_product(a["sigma1"], a["sigma2"]),
-                               np.trace(a["covmean"]), rtol=1e-8)
-    np.testing.assert_allclose(results["fid_terms"]["trace_sqrtm_sigma1_sigma2"], np.trace(a["covmean"]), rtol=1e-12)
+    np.testing.assert_allclose(fid, results["fid"], rtol=1e-8)
+    np.testing.assert_allclose(trace, np.trace(a["covmean"]), rtol=1e-8)
+    np.testing.assert_allclose(trace, results["fid_terms"]["trace_sqrtm_sigma1_sigma2"], rtol=1e-8)
+    np.testing.assert_allclose(trace, results["trace_sqrt_product_via_symmetric_eigh"], rtol=1e-8)
 
 
-def test_statistics_in_fixture_are_numpy_cov(fid_math):
-    a, _ = fid_math
-    np.testing.assert_allclose(np.cov(a["x1"], rowvar=False), a["sigma1"], rtol=1e-12)
-    np.testing.assert_allclose(a["x1"].mean(0), a["mu1"], rtol=1e-12)
+def test_streaming_statistics_match_fixture(fid_math):
+    """sdejax's streaming moments (one batch, and three unequal batches merged) give the fixture's mu
+    and sigma (divisor N - 1) of both feature sets; the FID from them is the fixture's."""
+    a, results = fid_math
+    got = {}
+    for tag in ("1", "2"):
+        x = a[f"x{tag}"]
+        whole = stats.finalize(stats.moments_of(x))
+        parts = [stats.moments_of(x[i:j]) for i, j in ((0, 7), (7, 300), (300, len(x)))]
+        merged = stats.finalize(stats.merge(stats.merge(parts[0], parts[1]), parts[2]))
+        for result in (whole, merged):
+            assert result["n"] == len(x)
+            np.testing.assert_allclose(result["mu"], a[f"mu{tag}"], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(result["sigma"], a[f"sigma{tag}"], rtol=1e-10, atol=1e-13)
+        got[tag] = merged
+    fid = metrics.frechet_distance(got["1"]["mu"], got["1"]["sigma"], got["2"]["mu"], got["2"]["sigma"])
+    np.testing.assert_allclose(fid, results["fid"], rtol=1e-8)
 
 
 def test_frechet_distance_singular_covariances_match_sqrtm():
