@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sdejax.sampling.common import Clip, check_clip, check_int, clip, clipped_x0, initial_x, time_grid
-from sdejax.sampling.loop import Callback, batch_time, sample_loop
+from sdejax.sampling.loop import Callback, Constraint, batch_time, sample_loop
 from sdejax.score import convert
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
@@ -88,6 +88,8 @@ def ddim_sample(
     clip_keeps_eps: bool = False,
     trajectory: bool = False,
     callback: Callback | None = None,
+    constraint: Constraint | None = None,
+    resample: tuple[int, int] | None = None,
     dtype=None,
 ):
     """DDIM sampling on a grid (default t_i = linspace(T, eps, num_steps)); returns `(samples, nfe)`,
@@ -113,4 +115,4 @@ def ddim_sample(
     prior_rng, rng = jax.random.split(rng)
     x = initial_x(sde, prior_rng, shape, x_T, dtype)
     solver = DDIM(float(eta), check_clip(clip_x0), bool(clip_keeps_eps))
-    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback)
+    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback, constraint, resample)

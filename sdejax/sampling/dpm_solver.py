@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +175,8 @@ class DPMSolverPP:
     The noise of step i is z = normal(key_i) in the dtype of x, so SDE-DPM-Solver++(1) with η = 1 is
     DDIM η = 1 with that z. NFE = (n − 1) + [denoise].
     """
+
+    multistep: ClassVar[bool] = True  # its state is a history of past steps (no RePaint resampling)
 
     order: int = 2
     eta: float = 0.0

@@ -128,25 +128,86 @@ def _emit(callback: Callback, i, t, x) -> None:
     callback(int(i), t, x)
 
 
+def renoise(sde: SDE, rng: Array, x: Array, t: Array, s: Array) -> Array:
+    """A draw of x_s ~ q(x_s | x_t) for s > t (the forward transition of a linear SDE):
+    x_s = (α_s/α_t) x_t + sqrt(σ_s² − (α_s/α_t)² σ_t²) z."""
+    a_t, s_t = sde.marginal_coeffs(t)
+    a_s, s_s = sde.marginal_coeffs(s)
+    r = a_s / a_t
+    std = jnp.sqrt(jnp.maximum(s_s**2 - (r * s_t) ** 2, 0.0))
+    z = jax.random.normal(rng, x.shape, x.dtype)
+    return jnp.reshape(r, (-1,) + (1,) * (x.ndim - 1)) * x + jnp.reshape(std, (-1,) + (1,) * (x.ndim - 1)) * z
+
+
+def _down(solver, sde, score_fn, constraint, key, state, x, i, ts):
+    """Step i (t_i → t_{i+1}), then the constraint's known part at t_{i+1} (`Constraint.project`)."""
+    if constraint is None:
+        return solver.step(sde, score_fn, key, state, x, i, ts)
+    step_key, project_key = jax.random.split(key)
+    x, state = solver.step(sde, score_fn, step_key, state, x, i, ts)
+    return constraint.project(sde, project_key, x, batch_time(ts[i + 1], x)), state
+
+
 @functools.partial(jax.jit, static_argnames=("solver", "sde", "denoise", "trajectory", "callback"))
-def _run(score_fn, rng, x, ts, *, solver, sde, denoise, trajectory, callback):
+def _run(score_fn, rng, x, ts, constraint, moves, *, solver, sde, denoise, trajectory, callback):
     ts = ts.astype(x.dtype)
+    n_moves = ts.shape[0] - 1 if moves is None else moves[0].shape[0]
+    if constraint is not None:
+        x = constraint.project(sde, jax.random.fold_in(jax.random.fold_in(rng, n_moves), 1), x, batch_time(ts[0], x))
     state = solver.init(sde, score_fn, x, ts)
     watch = _watch((jnp.int32(-1), jnp.int32(0)), 0, x)
 
-    def body(carry, i):
+    def body(carry, move):
         x, state, watch = carry
-        x, state = solver.step(sde, score_fn, jax.random.fold_in(rng, i), state, x, i, ts)
+        k, i, up = move
+        key = jax.random.fold_in(rng, k)
+        if moves is None:
+            x, state = _down(solver, sde, score_fn, constraint, key, state, x, i, ts)
+        else:  # RePaint: an up move re-noises t_{i+1} → t_i (its state is unchanged), a down move steps
+            x, state = jax.lax.cond(
+                up.astype(bool), lambda x, state: (renoise(sde, key, x, batch_time(ts[i + 1], x), batch_time(ts[i], x)), state),
+                lambda x, state: _down(solver, sde, score_fn, constraint, key, state, x, i, ts), x, state)
+        index = i + 1 - up
         if callback is not None:
-            jax.debug.callback(functools.partial(_emit, callback), i + 1, ts[i + 1], x, ordered=True)
-        return (x, state, _watch(watch, i + 1, x)), (x if trajectory else None)
+            jax.debug.callback(functools.partial(_emit, callback), index, ts[index], x, ordered=True)
+        return (x, state, _watch(watch, index, x)), (x if trajectory else None)
 
-    if ts.shape[0] > 1:
-        (x, state, watch), xs = jax.lax.scan(body, (x, state, watch), jnp.arange(ts.shape[0] - 1))
+    if n_moves > 0:
+        steps = jnp.arange(ts.shape[0] - 1)
+        xs_moves = (steps, steps, jnp.zeros_like(steps)) if moves is None else (jnp.arange(n_moves), *moves)
+        (x, state, watch), xs = jax.lax.scan(body, (x, state, watch), xs_moves)
     else:  # no step: `step` is never traced (a solver's per-step arrays would be empty)
         xs = jnp.zeros((0, *x.shape), x.dtype) if trajectory else None
-    out = solver.final(sde, score_fn, jax.random.fold_in(rng, ts.shape[0] - 1), state, x, ts, denoise)
+    out = solver.final(sde, score_fn, jax.random.fold_in(rng, n_moves), state, x, ts, denoise)
+    if constraint is not None:
+        out = constraint.final(out)
     return out, xs, _watch(watch, ts.shape[0], out)
+
+
+class Constraint(Protocol):
+    """Known data imposed on the state (`sdejax.sampling.inverse`): a pytree whose arrays are traced."""
+
+    def project(self, sde: SDE, rng: Array, x: Array, t: Array) -> Array: ...
+
+    def final(self, x: Array) -> Array: ...
+
+
+def resampling_moves(n: int, jump: int, resample: int) -> tuple[Array, Array]:
+    """RePaint's walk on an n-point grid as (step index i, up) moves: down t_i → t_{i+1} by the solver;
+    after every `jump` down steps (where `jump` more remain above), `resample − 1` times: `jump` up
+    moves (re-noising back to where the block began) and the block's `jump` down steps again."""
+    if jump < 1 or resample < 1:
+        raise ValueError(f"RePaint needs jump >= 1 and resample >= 1; got jump={jump}, resample={resample}")
+    idx, up = [], []
+    for start in range(0, n - 1, jump):
+        block = list(range(start, min(start + jump, n - 1)))
+        for r in range(resample):
+            idx += block
+            up += [0] * len(block)
+            if r < resample - 1:
+                idx += block[::-1]
+                up += [1] * len(block)
+    return jnp.asarray(idx, jnp.int32), jnp.asarray(up, jnp.int32)
 
 
 def sample_loop(
@@ -159,19 +220,35 @@ def sample_loop(
     denoise: bool = True,
     trajectory: bool = False,
     callback: Callback | None = None,
+    constraint: Constraint | None = None,
+    resample: tuple[int, int] | None = None,
 ):
     """Run `solver` on the grid `ts` from `x_T`; returns `(samples, nfe)`, or `(samples, xs, nfe)` with
-    `trajectory` (xs[k] is the state at ts[k + 1], shape `(n − 1, *x_T.shape)`).
+    `trajectory` (xs[k] is the state after move k; without `resample` the state at ts[k + 1], shape
+    `(n − 1, *x_T.shape)`).
 
     `callback(i, t_i, x_i)` is called on the host after every step (i = 1 … n−1). Everything runs in
     the dtype of `x_T`. A non-finite x_T, state or output raises `NonFiniteError` (module docstring).
+    `constraint` (`sdejax.sampling.inverse`) imposes known data: its part of x_T and of every step's
+    state is replaced by the data perturbed to that time, and of the output by the data itself.
+    `resample = (jump, r)`: RePaint's resampling (`resampling_moves`); one-step solvers only.
     """
     x_T = check_x("x_T", x_T)
     ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 1:
         raise ValueError(f"ts must be a 1-D grid of at least one time; got shape {ts.shape}")
-    out, xs, watch = _run(score_pytree(score_fn), rng, x_T, ts, solver=solver, sde=sde, denoise=bool(denoise),
-                          trajectory=bool(trajectory), callback=callback)
+    n = int(ts.shape[0])
+    moves = None
+    if resample is not None:
+        if getattr(solver, "multistep", False):
+            raise ValueError(f"RePaint resampling re-noises the state, which a multistep solver's history cannot "
+                             f"follow; use a one-step solver (pc, ddim, euler, heun), not {type(solver).__name__}")
+        moves = resampling_moves(n, *resample)
+    out, xs, watch = _run(score_pytree(score_fn), rng, x_T, ts, constraint, moves, solver=solver, sde=sde,
+                          denoise=bool(denoise), trajectory=bool(trajectory), callback=callback)
     _raise_nonfinite(watch, ts, int(x_T.shape[0]))
-    nfe = solver.nfe(int(ts.shape[0]), bool(denoise))
+    nfe = solver.nfe(n, bool(denoise))
+    if moves is not None:  # each extra down move costs one step's evaluations
+        extra = int(jnp.sum(1 - moves[1])) - (n - 1)
+        nfe += extra * (solver.nfe(3, False) - solver.nfe(2, False))
     return (out, xs, nfe) if trajectory else (out, nfe)

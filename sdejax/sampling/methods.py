@@ -32,7 +32,7 @@ from sdejax.sampling.ddim import ddim_sample
 from sdejax.sampling.dpm_solver import DPMSolverPP, DPMSolverPP2S
 from sdejax.sampling.heun import HeunSolver
 from sdejax.sampling.langevin import annealed_langevin_sample
-from sdejax.sampling.loop import Callback, Solver, sample_loop
+from sdejax.sampling.loop import Callback, Constraint, Solver, sample_loop
 from sdejax.sampling.ode import ode_sample
 from sdejax.sampling.pc import pc_sample
 from sdejax.sampling.sde import sde_sample
@@ -58,11 +58,14 @@ def solve(
     dtype: Any = None,
     trajectory: bool = False,
     callback: Callback | None = None,
+    constraint: Constraint | None = None,
+    resample: tuple[int, int] | None = None,
     **grid_options: Any,
 ):
     """`solver` on the grid `ts` (or `grids.get_grid(grid, sde, num_steps, eps=eps, **grid_options)`)
     from x_T (default: a prior draw with the first half of `split(rng)`, in `dtype`, default float32).
-    Returns `(samples, nfe)` (with `trajectory`: `(samples, xs, nfe)`, see `sample_loop`)."""
+    Returns `(samples, nfe)` (with `trajectory`: `(samples, xs, nfe)`, see `sample_loop`, also for the
+    inverse-problem `constraint` and RePaint's `resample`)."""
     if ts is None:
         if num_steps is None:
             raise ValueError("give num_steps (the number of grid points) or a grid ts")
@@ -71,7 +74,7 @@ def solve(
         ts = grids.get_grid(ts, sde, num_steps)
     prior_rng, rng = jax.random.split(rng)
     x = initial_x(sde, prior_rng, shape, x_T, dtype)
-    return sample_loop(solver, sde, score_fn, rng, x, ts, denoise, trajectory, callback)
+    return sample_loop(solver, sde, score_fn, rng, x, ts, denoise, trajectory, callback, constraint, resample)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from sdejax.sampling.common import Clip, check_clip, check_int, check_number, clipped_x0, initial_x, per_example_norm, time_grid
 from sdejax.sampling.ddim import ddim_step
-from sdejax.sampling.loop import Callback, batch_time, sample_loop
+from sdejax.sampling.loop import Callback, Constraint, batch_time, sample_loop
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
@@ -259,6 +259,8 @@ def pc_sample(
     x_T: Array | None = None,
     trajectory: bool = False,
     callback: Callback | None = None,
+    constraint: Constraint | None = None,
+    resample: tuple[int, int] | None = None,
     langevin_norm: str = "per_example",
     ending: str = "sdejax",
     dtype=None,
@@ -280,4 +282,4 @@ def pc_sample(
         raise ValueError(f"pc_sample needs a grid of >= 2 times (sde.N or len(ts)); got {grid.size}")
     prior_rng, rng = jax.random.split(rng)
     x = initial_x(sde, prior_rng, shape, x_T, dtype)
-    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback)
+    return sample_loop(solver, sde, score_fn, rng, x, grid, denoise, trajectory, callback, constraint, resample)

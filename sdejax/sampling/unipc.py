@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,8 @@ class UniPC:
     predictor's `Plan` and the corrector's weights (the last one for D_t; None without corrector). Warm-up and
     `lower_order_final` as DPM-Solver++ (`dpm_solver.step_order`: fewer than 10 steps).
     """
+
+    multistep: ClassVar[bool] = True  # its state is a history of past steps (no RePaint resampling)
 
     order: int = 2
     variant: str = "bh2"
