@@ -108,8 +108,8 @@ def test_guidance_by_the_exact_classifier_is_the_conditional_score(name):
     t = jnp.linspace(0.05, 1.0, 64)
     alpha, sigma = sde.marginal_coeffs(t)
     x = alpha[:, None] * x0 + sigma[:, None] * jax.random.normal(jax.random.PRNGKey(5), x0.shape)
-    guided = classifier_guidance(MIX.score_fn(sde), log_prob, y, 1.0)(x, t)
-    exact = MIX.score_fn(sde, y)(x, t)
+    guided, exact = jax.jit(lambda x, t: (classifier_guidance(MIX.score_fn(sde), log_prob, y, 1.0)(x, t),
+                                          MIX.score_fn(sde, y)(x, t)))(x, t)
     scale = np.abs(np.asarray(exact)).max()
     np.testing.assert_allclose(np.asarray(guided), np.asarray(exact), rtol=0, atol=1e-4 * scale)
 
@@ -127,7 +127,7 @@ def trained():
     perturbed mixture with batch 512."""
     sde = SDES["vp"]
     config = ml_collections.ConfigDict({"classifier": {"name": "mlp", "nf": 64, "depth": 2, "num_classes": 3}})
-    apply_fn, params = nets.build_classifier(config, jax.random.PRNGKey(0), jnp.zeros((1, 2)))
+    apply_fn, params = nets.build_classifier(config, jax.random.key(0, impl="rbg"), jnp.zeros((1, 2)))
     loss_fn = clf.get_classifier_loss_fn(sde, apply_fn, True)
     tx = optax.adam(optax.cosine_decay_schedule(3e-3, 400, 0.1))
 
@@ -174,23 +174,23 @@ def test_trained_classifier_matches_the_bayes_accuracy(trained):
 
 def test_trained_classifier_guidance_moves_samples_into_the_class(trained):
     """γ = 1 guidance of the exact unconditional score by the trained classifier towards y = 2 (weight
-    0.2): the share of samples the exact posterior assigns to class 2 is far above the unguided share
-    (≈ 0.2) and close to exact classifier guidance's (samples of p(x | y = 2))."""
+    0.2): the share of samples the exact posterior (at t_min) assigns to class 2 is far above the
+    unguided share and close to the share for exact guidance, i.e. for samples of p(x | y = 2). Both
+    references are taken on data drawn exactly (p_0 and p(x | y = 2)), as 30 steps of 2nd-order
+    DPM-Solver sample the exactly guided mixture to < 1 % (test_guidance). Tolerance on the trained
+    share: 4 SE of a difference of two shares at n = 2000 plus 0.05 for the trained gradient's error."""
     sde, apply_fn, params, _ = trained
     n = 2000
     y = jnp.full((n,), 2, jnp.int32)
-    log_prob = clf.classifier_log_prob_fn(sde, apply_fn, params)
-    share = {}
-    for key, score in {"unguided": MIX.score_fn(sde),
-                       "trained": classifier_guidance(MIX.score_fn(sde), log_prob, y, 1.0),
-                       "exact": classifier_guidance(MIX.score_fn(sde), MIX.classifier_fn(sde), y, 1.0)}.items():
-        x, _ = methods.sample("dpm_solver", jax.random.PRNGKey(9), sde, score, (n, 2), num_steps=30, order=2)
-        cls = jnp.argmax(MIX.log_posterior(sde, x, jnp.full((n,), sde.t_min)), -1)
-        share[key] = float(jnp.mean(cls == 2))
-    print(share)
+    score = classifier_guidance(MIX.score_fn(sde), clf.classifier_log_prob_fn(sde, apply_fn, params), y, 1.0)
+    guided, _ = methods.sample("dpm_solver", jax.random.PRNGKey(9), sde, score, (n, 2), num_steps=30, order=2)
+    x0, y0 = labelled(10, 4 * n)
+    share = lambda x: float(jnp.mean(jnp.argmax(MIX.log_posterior(sde, x, jnp.full(x.shape[:1], sde.t_min)), -1) == 2))  # noqa: E731
+    shares = {"unguided": share(x0), "trained": share(guided), "exact": share(x0[np.asarray(y0) == 2])}
+    print(shares)
     se = np.sqrt(0.25 / n)
-    assert share["trained"] > share["unguided"] + 0.4, share
-    assert abs(share["trained"] - share["exact"]) < 4 * np.sqrt(2) * se + 0.05, share
+    assert shares["trained"] > shares["unguided"] + 0.4, shares
+    assert abs(shares["trained"] - shares["exact"]) < 4 * np.sqrt(2) * se + 0.05, shares
 
 
 def test_log_prob_fn_compiles_once_for_new_params(trained):
@@ -218,20 +218,24 @@ def cfg(**kw) -> ml_collections.ConfigDict:
 ])
 def test_families_build_and_condition_on_noise(kw, shape):
     """Logits (B, K); they depend on the noise labels; dropout masks follow the rng in train mode."""
-    apply_fn, variables = nets.build_classifier(cfg(**kw), jax.random.PRNGKey(0), jnp.zeros(shape))
+    # rbg keys: XLA:CPU compiles threefry initialisers slowly (22 s vs 5 s for the conv net here)
+    apply_fn, variables = nets.build_classifier(cfg(**kw), jax.random.key(0, impl="rbg"), jnp.zeros(shape))
     x = jax.random.normal(jax.random.PRNGKey(1), shape)
-    lo, hi = jnp.full(shape[:1], 0.5), jnp.full(shape[:1], 5.0)
+    xx = jnp.concatenate([x, x])  # one network application per mode (two compiles in all)
+    labels = jnp.concatenate([jnp.full(shape[:1], 0.5), jnp.full(shape[:1], 5.0)])
 
     @jax.jit
     def outputs(variables):
-        dropped = [apply_fn(variables, x, lo, train=True, rng=jax.random.PRNGKey(k)) for k in (2, 3)]
-        return apply_fn(variables, x, lo), apply_fn(variables, x, hi), *dropped
+        return (apply_fn(variables, xx, labels),
+                apply_fn(variables, xx, jnp.full_like(labels, 0.5), train=True, rng=jax.random.key(2, impl="rbg")))
 
-    logits, other, a, b = outputs(variables)
+    (logits, other), (a, b) = (jnp.split(v, 2) for v in outputs(variables))
     assert logits.shape == (shape[0], kw["num_classes"]) and np.all(np.isfinite(logits))
-    assert not np.allclose(logits, other)
-    if kw.get("dropout"):
+    assert not np.allclose(logits, other)  # the noise labels condition the logits
+    if kw.get("dropout"):  # the same inputs under different dropout masks
         assert not np.allclose(a, b)
+    else:
+        np.testing.assert_allclose(a, logits, rtol=1e-5, atol=1e-5)
 
 
 def wrn_count(depth: int, k: int, in_ch: int, classes: int, emb: int | None) -> int:
