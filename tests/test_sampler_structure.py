@@ -25,6 +25,7 @@ import pytest
 from jax.tree_util import Partial
 
 from helpers import ROOT, subprocess_env
+from sdejax import guidance
 from sdejax.likelihood import log_likelihood
 from sdejax.sampling import grids
 from sdejax.sampling.ddim import ddim_sample
@@ -253,22 +254,22 @@ def test_batch_langevin_is_global_over_a_mesh():
 
 
 # --- DDIM options ------------------------------------------------------------------------------
-@pytest.mark.parametrize("keeps_eps", [False, True])
-def test_ddim_clip_keeps_eps_by_hand(keeps_eps):
-    """One DDIM step (2-point grid, denoise=False returns x at t_1, NFE 1) with x̂₀ clipped to
-    [−0.2, 0.2]: α_s x̂₀ᶜ + k ε̂ + c z, k = sqrt(σ_s² − c²), where ε̂ is (x − α_t x̂₀ᶜ)/σ_t, or the model's
-    −σ_t s with `clip_keeps_eps`. numpy float64 on the same z; float32 sampler: 1e-5."""
+def test_ddim_with_thresholded_score_by_hand():
+    """One DDIM step (2-point grid, denoise=False returns x at t_1, NFE 1) on the score thresholded to
+    x̂₀ ∈ [−0.2, 0.2] (`guidance.threshold`): α_s x̂₀ᶜ + k ε̂ + c z, k = sqrt(σ_s² − c²), with ε̂ =
+    (x − α_t x̂₀ᶜ)/σ_t implied by the thresholded x̂₀. numpy float64 on the same z; float32 sampler: 1e-5."""
     ts, eta, rng = np.array([0.6, 0.3]), 0.5, jax.random.PRNGKey(8)
     x_T = 2.0 * jax.random.normal(jax.random.PRNGKey(7), (16, 2))
-    x, nfe = ddim_sample(rng, VP, score_of(VP), (16, 2), ts=ts, eta=eta, x_T=x_T, clip_x0=(-0.2, 0.2),
-                         clip_keeps_eps=keeps_eps, denoise=False)
+    x, nfe = ddim_sample(rng, VP, guidance.threshold(VP, score_of(VP), -0.2, 0.2), (16, 2), ts=ts, eta=eta, x_T=x_T,
+                         denoise=False)
     assert nfe == 1
     z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.split(rng)[1], 0), (16, 2)), np.float64)
     (a_t, a_s), (s_t, s_s) = np_coeffs(VP, ts)
     xt = np.asarray(x_T, np.float64)
     score = np_score(VP, xt, ts[0])
     x0 = np.clip((xt + s_t**2 * score) / a_t, -0.2, 0.2)
-    eps_hat = -s_t * score if keeps_eps else (xt - a_t * x0) / s_t
+    assert np.mean(np.abs(x0) == 0.2) > 0.25  # the threshold acts
+    eps_hat = (xt - a_t * x0) / s_t
     c = eta * s_s * np.sqrt(1 - (a_t * s_s / (a_s * s_t)) ** 2)
     np.testing.assert_allclose(x, a_s * x0 + np.sqrt(s_s**2 - c**2) * eps_hat + c * z, rtol=1e-5, atol=1e-5)
 

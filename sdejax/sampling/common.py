@@ -2,7 +2,7 @@
 
 The one home of: the `eps` range check (t_min ≤ eps < T), the number and shape checks (a
 non-negative `snr`/`rtol`/`atol`, a non-empty batch, a state that fits in memory), the default time grid, the initial state
-(a caller's `x_T` or a prior draw, in the dtype the sampler runs in), the x̂₀ clip, and the
+(a caller's `x_T` or a prior draw, in the dtype the sampler runs in), and the
 per-example reductions Σ_features and ‖·‖ over all but the leading (batch) axis.
 """
 from __future__ import annotations
@@ -18,11 +18,9 @@ import numpy as np
 
 from sdejax.sampling import grids
 from sdejax.sampling.loop import check_batch_axis, check_x
-from sdejax.score import tweedie_x0
-from sdejax.sde import SDE, ScoreFn
+from sdejax.sde import SDE
 
 Array = jax.Array
-Clip = tuple[float, float] | None
 
 
 def per_example_sum(v: Array) -> Array:
@@ -96,23 +94,3 @@ def initial_x(sde: SDE, rng: Array, shape: tuple[int, ...], x_T: Array | None, d
         return sde.prior_sampling(rng, check_shape("shape", shape, dtype), dtype)
     x_T = check_x(name, x_T, tuple(shape))
     return x_T if dtype is None else x_T.astype(dtype)
-
-
-def check_clip(clip_x0: Clip) -> Clip:
-    """Validate `clip_x0 = (lo, hi)` and make it hashable (a jit-static field)."""
-    if clip_x0 is None:
-        return None
-    lo, hi = (float(v) for v in clip_x0)
-    if not lo < hi:
-        raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi; got {clip_x0}")
-    return lo, hi
-
-
-def clip(x0: Array, clip_x0: Clip) -> Array:
-    """x̂₀ clipped to `clip_x0 = (lo, hi)`, or unchanged for None."""
-    return x0 if clip_x0 is None else jnp.clip(x0, *clip_x0)
-
-
-def clipped_x0(sde: SDE, score_fn: ScoreFn, x: Array, t: Array, clip_x0: Clip) -> Array:
-    """Tweedie's x̂₀ (`sdejax.score.tweedie_x0`), clipped to `clip_x0 = (lo, hi)` where given."""
-    return clip(tweedie_x0(sde, score_fn, x, t), clip_x0)

@@ -44,9 +44,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sdejax.sampling.common import Clip, check_clip, check_int, check_number, clipped_x0, initial_x, per_example_norm, time_grid
+from sdejax.sampling.common import check_int, check_number, initial_x, per_example_norm, time_grid
 from sdejax.sampling.ddim import ddim_step
 from sdejax.sampling.loop import Callback, Constraint, batch_time, sample_loop
+from sdejax.score import tweedie_x0
 from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
@@ -89,11 +90,10 @@ class AncestralSampling:
     """x_s ~ q(x_s | x_t, x̂_0): the DDIM step with η = 1 (η = 0 for the probability-flow variant)."""
 
     probability_flow: bool = False
-    clip_x0: Clip = None
 
     def __call__(self, rng, sde: SDE, score_fn: ScoreFn, x, t, s) -> tuple[Array, Array]:
         s = jnp.maximum(s, sde.t_min)  # the score_sde ending's last target t − T/n may lie below t_min
-        x0 = clipped_x0(sde, score_fn, x, t, self.clip_x0)
+        x0 = tweedie_x0(sde, score_fn, x, t)
         z = jax.random.normal(rng, x.shape, x.dtype)
         eta = 0.0 if self.probability_flow else 1.0
         return ddim_step(sde, x, x0, t, s, eta, z), ddim_step(sde, x, x0, t, s, eta, jnp.zeros_like(z))
@@ -145,7 +145,6 @@ class PC:
     predictor: Predictor | None = ReverseDiffusion()
     corrector: Corrector | None = Langevin()
     n_steps: int = 1
-    clip_x0: Clip = None
     ending: str = "sdejax"
 
     def __post_init__(self):
@@ -180,7 +179,7 @@ class PC:
         t = batch_time(ts[-1], x)
         x = self._correct(c_rng, sde, score_fn, x, t)
         if self.ending == "sdejax":
-            return clipped_x0(sde, score_fn, x, t, self.clip_x0) if denoise else x
+            return tweedie_x0(sde, score_fn, x, t) if denoise else x
         if self.predictor is None:
             return x
         x, mean = self._predict(p_rng, sde, score_fn, x, t, ts.shape[0] - 1, ts)
@@ -194,10 +193,10 @@ class PC:
 
 
 _PREDICTORS = {
-    "euler_maruyama": lambda probability_flow, clip_x0: EulerMaruyama(probability_flow),
-    "reverse_diffusion": lambda probability_flow, clip_x0: ReverseDiffusion(probability_flow),
+    "euler_maruyama": EulerMaruyama,
+    "reverse_diffusion": ReverseDiffusion,
     "ancestral_sampling": AncestralSampling,
-    "none": lambda probability_flow, clip_x0: None,
+    "none": lambda probability_flow: None,
 }
 _CORRECTORS = {
     "langevin": Langevin,
@@ -222,17 +221,15 @@ def make_pc(
     snr: float = 0.16,
     n_steps: int = 1,
     probability_flow: bool = False,
-    clip_x0: Clip = None,
     langevin_norm: str = "per_example",
     ending: str = "sdejax",
 ) -> PC:
     """The `PC` solver of `pc_sample`'s options (names or callables)."""
     if langevin_norm not in LANGEVIN_NORMS:
         raise ValueError(f"unknown langevin_norm {langevin_norm!r}; valid: {list(LANGEVIN_NORMS)}")
-    clip_x0 = check_clip(clip_x0)
-    return PC(_named("predictor", predictor, _PREDICTORS, bool(probability_flow), clip_x0),
+    return PC(_named("predictor", predictor, _PREDICTORS, bool(probability_flow)),
               _named("corrector", corrector, _CORRECTORS, check_number("snr", snr), langevin_norm),
-              check_int("n_steps", n_steps, 1), clip_x0, ending)
+              check_int("n_steps", n_steps, 1), ending)
 
 
 def pc_nfe(n: int, predictor="reverse_diffusion", corrector="langevin", n_steps: int = 1, denoise: bool = True,
@@ -253,7 +250,6 @@ def pc_sample(
     probability_flow: bool = False,
     denoise: bool = True,
     eps: float | None = None,
-    clip_x0: Clip = None,
     *,
     ts=None,
     x_T: Array | None = None,
@@ -272,11 +268,11 @@ def pc_sample(
     `predictor`/`corrector`: names in PREDICTORS/CORRECTORS or callables (module docstring).
     `ts`: any grid of ≥ 2 times (default `grids.uniform(sde, sde.N, eps)`; `eps` defaults to
     `sde.sampling_eps`). `x_T`: the initial state (default: a prior draw with the first half of
-    `split(rng)`, in `dtype`, default float32). `clip_x0=(lo, hi)` clips the x̂_0 estimates (ancestral
-    steps and the final denoising) to the data range. `score_fn` may be a `jax.tree_util.Partial`
-    whose arguments are traced (see `score_pytree`).
+    `split(rng)`, in `dtype`, default float32). To keep the x̂_0 estimates (ancestral steps and the
+    final denoising) in the data range, pass `sdejax.guidance.threshold(sde, score_fn, lo, hi)`.
+    `score_fn` may be a `jax.tree_util.Partial` whose arguments are traced (see `score_pytree`).
     """
-    solver = make_pc(predictor, corrector, snr, n_steps, probability_flow, clip_x0, langevin_norm, ending)
+    solver = make_pc(predictor, corrector, snr, n_steps, probability_flow, langevin_norm, ending)
     grid = time_grid(sde, ts, sde.N, eps)
     if grid.size < 2:
         raise ValueError(f"pc_sample needs a grid of >= 2 times (sde.N or len(ts)); got {grid.size}")
