@@ -6,17 +6,23 @@ mixture 0.2·N((−5,−5), I) + 0.8·N((5,5), I) checks the NCSN argument: anne
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 
 from gaussian_oracle import (
     EPS, SDES, assert_moments, counted_score, denoised_target, isotropic_mixture_score, prior_mismatch, run_counted,
 )
+from sdejax import guidance
 from sdejax.analytic import GaussianMixture
 from sdejax.sampling.ddim import ddim_sample
 from sdejax.sampling.langevin import annealed_langevin_sample, default_sigmas, langevin_sample, t_of_sigma
+from sdejax.sampling.loop import NonFiniteError
+from sdejax.score import tweedie_x0
 from sdejax.sde import VESDE, VPSDE
 
 MIXTURE = GaussianMixture.create([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]])
@@ -52,8 +58,8 @@ def test_ddim_matches_gaussian(kind):
 def test_ddim_clip_and_errors():
     sde = VPSDE(N=50)
     score = counted_score(sde, 2)
-    x, _, _ = run_counted(ddim_sample, jax.random.PRNGKey(0), sde, score, (256, 2), 10, eta=1.0, clip_x0=(-0.4, 0.4))
-    assert np.abs(x).max() <= 0.4
+    x, _ = ddim_sample(jax.random.PRNGKey(0), sde, guidance.threshold(sde, score, -0.4, 0.4), (256, 2), 10, eta=1.0)
+    assert np.abs(np.asarray(x)).max() <= 0.4 + 1e-6
     with pytest.raises(ValueError, match="eta"):
         ddim_sample(jax.random.PRNGKey(0), sde, score, (2, 2), 10, eta=1.5)
     with pytest.raises(ValueError, match="num_steps"):
@@ -116,3 +122,75 @@ def test_plain_langevin_keeps_init_split():
     assert nfe == 1000
     assert abs(w - 0.5) < 0.1
     assert np.all(np.abs(np.asarray(x)) < 12)  # converged into the modes
+
+
+# --- non-finite scores ------------------------------------------------------------------------------
+NAN_SDE = VESDE(sigma_min=0.05, sigma_max=20.0, N=10)
+NAN_SIGMAS = np.geomspace(10.0, 0.1, 5)  # levels 1..5: σ = 10, 3.16, 1, 0.316, 0.1
+NAN_MASK = np.array([True, False, True, False, False, True, False, False])  # 3 of 8 examples
+
+
+def _score_nan_from_level_3(x, t):
+    """−x/(1 + σ²), but NaN for the NAN_MASK examples once σ_t ≤ √(σ_2 σ_3) (levels 3..5)."""
+    sigma = NAN_SDE.marginal_coeffs(t)[1]
+    bad = (sigma <= np.sqrt(NAN_SIGMAS[1] * NAN_SIGMAS[2]))[:, None] & jnp.asarray(NAN_MASK)[:, None]
+    return jnp.where(bad, jnp.nan, -x / (1 + sigma[:, None] ** 2))
+
+
+def _finite_score(x, t):
+    return -x / (1 + NAN_SDE.marginal_coeffs(t)[1][:, None] ** 2)
+
+
+def test_annealed_langevin_names_the_level_of_a_nan_score():
+    """A score NaN for 3 of 8 examples from level 3 on: NonFiniteError at level 3, its first step, 3 examples."""
+    with pytest.raises(NonFiniteError, match=r"annealed_langevin_sample: non-finite score or state at noise level "
+                                             r"3 of 5 \(sigma = 1\), step 1 of 2 in 3 of 8 examples"):
+        annealed_langevin_sample(jax.random.PRNGKey(0), NAN_SDE, _score_nan_from_level_3, (8, 2), 2, 1e-2,
+                                 sigmas=NAN_SIGMAS)
+    init = jnp.zeros((8, 2)).at[4, 1].set(jnp.inf)
+    with pytest.raises(NonFiniteError, match=r"in init in 1 of 8 examples"):
+        annealed_langevin_sample(jax.random.PRNGKey(0), NAN_SDE, _finite_score, (8, 2), 2, 1e-2, init=init,
+                                 sigmas=NAN_SIGMAS)
+    with pytest.raises(NonFiniteError, match=r"langevin_sample: non-finite score or state at step 1 of 4 in 3 of 8"):
+        langevin_sample(jax.random.PRNGKey(0), lambda x: jnp.where(jnp.asarray(NAN_MASK)[:, None], jnp.nan, -x),
+                        jnp.zeros((8, 2)), 4, 0.1)
+
+
+def test_the_watch_leaves_a_finite_run_bitwise_unchanged():
+    """The samplers with the watch == the loops written here without it (the samplers before the watch,
+    i.e. NCSN's step x ← x + (α_i/2) s(x, t_i) + √α_i z, α_i = step_lr σ_i²/σ_L², z from fold_in(rng, k)
+    after the init key split, then Tweedie's step), bit for bit, denoise on and off."""
+    rng, n_each, step_lr = jax.random.PRNGKey(7), 2, 1e-2
+    sigmas = jnp.asarray(NAN_SIGMAS, jnp.float32)
+    ts = t_of_sigma(NAN_SDE, NAN_SIGMAS)
+
+    @functools.partial(jax.jit, static_argnames=("sde",))
+    def by_hand(rng, score_fn, x, sigmas, ts, n_each, step_lr, *, sde):
+        ones = jnp.ones(x.shape[:1], x.dtype)
+
+        def body(k, x):
+            i = k // n_each
+            alpha = step_lr * (sigmas[i] / sigmas[-1]) ** 2
+            z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
+            return x + 0.5 * alpha * score_fn(x, ts[i] * ones) + jnp.sqrt(alpha) * z
+
+        x = jax.lax.fori_loop(0, sigmas.shape[0] * n_each, body, x)
+        return x, tweedie_x0(sde, score_fn, x, ts[-1] * ones)
+
+    init_rng, loop_rng = jax.random.split(rng)
+    x_init = NAN_SDE.prior_sampling(init_rng, (8, 2), jnp.float32)
+    raw, denoised = by_hand(loop_rng, Partial(_finite_score), x_init, sigmas, ts, n_each, step_lr, sde=NAN_SDE)
+    for denoise, expected in ((False, raw), (True, denoised)):
+        got, nfe = annealed_langevin_sample(rng, NAN_SDE, _finite_score, (8, 2), n_each, step_lr, denoise=denoise,
+                                            sigmas=NAN_SIGMAS)
+        assert nfe == NAN_SIGMAS.size * n_each + denoise
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+    @jax.jit
+    def plain_by_hand(rng, x, step_size):
+        return jax.lax.fori_loop(0, 4, lambda k, x: x + 0.5 * step_size * -x + jnp.sqrt(step_size) * jax.random.normal(
+            jax.random.fold_in(rng, k), x.shape, x.dtype), x)
+
+    x0 = jnp.linspace(-1.0, 1.0, 16).reshape(8, 2)
+    np.testing.assert_array_equal(np.asarray(langevin_sample(rng, lambda x: -x, x0, 4, 0.1)[0]),
+                                  np.asarray(plain_by_hand(rng, x0, 0.1)))

@@ -4,6 +4,12 @@ Annealed: for noise levels σ_1 > … > σ_L, n_steps_each steps at each level w
 and the score of p_{σ_i}, i.e. `score_fn(x, t_i)` at the time t_i with σ(t_i) = σ_i. The SDE must be
 variance exploding (α_t = 1), so that p_{t_i} is the data convolved with N(0, σ_i² I); t_i is found by
 bisection on `marginal_coeffs`, so any such SDE works, not only `VESDE`.
+
+Non-finite values are watched as in `sdejax.sampling.loop` (its `_watch`: one isfinite reduction of
+the state per step, no extra score evaluation): the loop carries the first state index at which some
+example is non-finite and how many are, and both samplers raise `NonFiniteError` naming the noise
+level (1 … L, and its σ) and the step within it, or the initial samples or the final denoising step,
+and the count of examples. Inside the caller's own jit nothing can be raised: the NaN stays.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdejax.sampling.common import initial_x
-from sdejax.sampling.loop import score_pytree
+from sdejax.sampling.loop import NonFiniteError, Watch, _watch, check_x, is_traced, score_pytree
 from sdejax.score import tweedie_x0
 from sdejax.sde import SDE
 
@@ -54,16 +60,45 @@ def default_sigmas(sde: SDE) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("sde", "denoise"))
 def _annealed(rng, score_fn, x, sigmas, ts, n_steps_each, step_lr, *, sde, denoise):
+    """Samples and the watch: state index 0 is the init, k + 1 after step k, L·n_steps_each + 1 the output."""
     ones = jnp.ones(x.shape[:1], x.dtype)
+    total = sigmas.shape[0] * n_steps_each
 
-    def body(k, x):
+    def body(k, carry):
+        x, watch = carry
         i = k // n_steps_each
         alpha = step_lr * (sigmas[i] / sigmas[-1]) ** 2
         z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
-        return x + 0.5 * alpha * score_fn(x, ts[i] * ones) + jnp.sqrt(alpha) * z
+        x = x + 0.5 * alpha * score_fn(x, ts[i] * ones) + jnp.sqrt(alpha) * z
+        return x, _watch(watch, k + 1, x)
 
-    x = jax.lax.fori_loop(0, sigmas.shape[0] * n_steps_each, body, x)
-    return tweedie_x0(sde, score_fn, x, ts[-1] * ones) if denoise else x
+    x, watch = jax.lax.fori_loop(0, total, body, (x, _watch((jnp.int32(-1), jnp.int32(0)), 0, x)))
+    if denoise:
+        x = tweedie_x0(sde, score_fn, x, ts[-1] * ones)
+        watch = _watch(watch, total + 1, x)
+    return x, watch
+
+
+def _where_annealed(k: int, sigmas: np.ndarray, n_steps_each: int) -> str:
+    """Where state index k of `_annealed`'s watch lies: the init, a level and step, or the denoising."""
+    total = sigmas.size * n_steps_each
+    if k == 0:
+        return "in init"
+    if k > total:
+        return f"in the final denoising step (sigma = {sigmas[-1]:.4g})"
+    level, step = divmod(k - 1, n_steps_each)
+    return (f"at noise level {level + 1} of {sigmas.size} (sigma = {sigmas[level]:.4g}), "
+            f"step {step + 1} of {n_steps_each}")
+
+
+def _raise_if_nonfinite(what: str, watch: Watch, where, batch: int) -> None:
+    """`NonFiniteError` if the watch saw a non-finite example (`where(k)` names state index k); not under
+    the caller's jit, where the NaN stays in the samples."""
+    if is_traced(watch):
+        return
+    k, count = (int(v) for v in jax.device_get(watch))
+    if k >= 0:
+        raise NonFiniteError(f"{what}: non-finite score or state {where(k)} in {count} of {batch} examples")
 
 
 def annealed_langevin_sample(
@@ -84,6 +119,7 @@ def annealed_langevin_sample(
     `sigmas`: descending noise levels (default `default_sigmas(sde)`); `init`: initial samples of `shape`
     (default: the prior, drawn in `dtype`, default float32; a given `init` keeps its own). `denoise` ends
     with Tweedie's x + σ_L² s(x, t_L) (NCSNv2's final step). Runs in the dtype of the initial samples.
+    A non-finite init, state or output raises `NonFiniteError` naming the noise level and step (module docstring).
     """
     if int(n_steps_each) != n_steps_each or n_steps_each < 1:
         raise ValueError(f"n_steps_each must be an integer >= 1; got {n_steps_each}")
@@ -101,20 +137,24 @@ def annealed_langevin_sample(
     init_rng, rng = jax.random.split(rng)
     x = initial_x(sde, init_rng, shape, init, dtype, name="init")
     ts = t_of_sigma(sde, sigmas, dtype=x.dtype)
-    x = _annealed(
+    x, watch = _annealed(
         rng, score_pytree(score_fn), x, jnp.asarray(sigmas, x.dtype), ts,
         int(n_steps_each), float(step_lr), sde=sde, denoise=bool(denoise),
     )
+    _raise_if_nonfinite("annealed_langevin_sample", watch, lambda k: _where_annealed(k, sigmas, int(n_steps_each)),
+                        int(x.shape[0]))
     return x, sigmas.size * int(n_steps_each) + int(denoise)
 
 
 @jax.jit
 def _plain(rng, score_fn, x, n_steps, step_size):
-    def body(k, x):
+    def body(k, carry):
+        x, watch = carry
         z = jax.random.normal(jax.random.fold_in(rng, k), x.shape, x.dtype)
-        return x + 0.5 * step_size * score_fn(x) + jnp.sqrt(step_size) * z
+        x = x + 0.5 * step_size * score_fn(x) + jnp.sqrt(step_size) * z
+        return x, _watch(watch, k + 1, x)
 
-    return jax.lax.fori_loop(0, n_steps, body, x)
+    return jax.lax.fori_loop(0, n_steps, body, (x, _watch((jnp.int32(-1), jnp.int32(0)), 0, x)))
 
 
 def langevin_sample(
@@ -123,11 +163,15 @@ def langevin_sample(
     """Unannealed Langevin x ← x + (α/2) ∇log p(x) + sqrt(α) z with the data score `score_fn_at_data(x)`.
 
     Returns `(samples, nfe = n_steps)`. For multimodal data it keeps the mode proportions of `init`:
-    in the low-density regions between modes the score is negligible (the point of NCSN).
+    in the low-density regions between modes the score is negligible (the point of NCSN). A non-finite
+    init or state raises `NonFiniteError` naming the step (module docstring).
     """
     if int(n_steps) != n_steps or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1; got {n_steps}")
     if not step_size > 0:
         raise ValueError(f"step_size must be > 0; got {step_size}")
-    x = _plain(rng, score_pytree(score_fn_at_data), jnp.asarray(init), int(n_steps), float(step_size))
+    init = check_x("init", init)
+    x, watch = _plain(rng, score_pytree(score_fn_at_data), init, int(n_steps), float(step_size))
+    _raise_if_nonfinite("langevin_sample", watch, lambda k: "in init" if k == 0 else f"at step {k} of {int(n_steps)}",
+                        int(init.shape[0]))
     return x, int(n_steps)
