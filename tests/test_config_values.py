@@ -35,6 +35,7 @@ BAD_VALUES = [
     ("training.eps", 0.0, r"training.eps must be in \(0, 1\); got 0.0"),
     ("training.eps", 1.5, r"training.eps must be in \(0, 1\); got 1.5"),
     ("training.p_std", 0.0, r"training.p_std must be in \(0, inf\)"),
+    ("training.p_uncond", 1.5, r"training.p_uncond must be in \[0, 1\]; got 1.5"),
     ("sampling.snr", -0.1, r"sampling.snr must be in \[0, inf\)"),
     ("sampling.n_steps_each", 0, rf"sampling.n_steps_each {INT_1}"),
     ("eval.batch_size", 0, rf"eval.batch_size {INT_1}; got 0"),

@@ -3,6 +3,7 @@ dataset's), the objective's context (the true step and EMA params reach it), per
 `config.model` keys (a misspelled key names itself and the valid ones; every builder reads only its
 declared keys; shipped configs carry no unread model key), and `--mode=eval` over a range of
 checkpoints (`eval.begin_ckpt` / `eval.end_ckpt`)."""
+import copy
 import json
 import types
 
@@ -70,6 +71,30 @@ def test_digits_source_protocol_and_labels(digits_config, tmp_path):
     assert src.true_entropy_bits_per_dim(jax.random.PRNGKey(0), 10) is None
     src.save(tmp_path / "grid", {"samples": chunk["x"][0][:4]})
     assert src.tensorboard_image(chunk["x"][0][:4]).shape == (35, 35, 1)  # 2x2 grid of 16x16, 1-pixel borders
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 1.0])
+def test_labels_reach_a_class_conditional_loss(digits_config, p_uncond):
+    """With model.num_classes > 0 the configured loss hands the network the batch's "y" (all of them
+    dropped to the null class 10 with training.p_uncond = 1)."""
+    config = override(copy.deepcopy(digits_config), {"model.num_classes": 10, "training.p_uncond": p_uncond})
+    seen = []
+
+    def apply_fn(params, x, labels, *, train=False, rng=None, y=None):
+        seen.append(y)
+        return jnp.zeros_like(x)
+
+    batch = {k: v[0] for k, v in _source(config).chunk(0, 1).items()}
+    obj = build.build_objective(config, build.build_sde(config), apply_fn, train=True)
+    loss, _ = obj(None, jax.random.PRNGKey(0), batch, objective.Context(step=jnp.zeros((), jnp.int32), ema_params=None))
+    assert np.isfinite(loss)
+    np.testing.assert_array_equal(seen[-1], np.full(8, 10) if p_uncond else batch["y"])
+
+
+def test_class_count_must_match_the_source(digits_config, tmp_path):
+    config = override(copy.deepcopy(digits_config), {"model.num_classes": 5})
+    with pytest.raises(ValueError, match="model.num_classes=5 but data.dataset='DIGITS' has 10 class labels"):
+        build.setup(config, tmp_path)
 
 
 def test_labels_reach_the_train_step_through_the_placement():

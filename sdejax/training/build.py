@@ -78,20 +78,23 @@ def build_precond(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> precon
 def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, train: bool) -> losses.LossFn:
     """The library loss `loss_fn(params, rng, batch) -> (loss, aux)`: continuous DSM (EDM's loss with
     model.precond = "edm" and training.time_sampling = "lognormal"), or for `training.continuous =
-    False` SMLD (VE) / DDPM (VP), as the original."""
+    False` SMLD (VE) / DDPM (VP), as the original. With `model.num_classes` > 0 the network is
+    class-conditional on `batch["y"]`, labels dropped to the null class with probability
+    `training.p_uncond` (classifier-free guidance training)."""
     t = config.training
+    classes = dict(num_classes=config.model.get("num_classes", 0), p_uncond=t.get("p_uncond", 0.0))
     if t.continuous:
         return losses.get_sde_loss_fn(sde, apply_fn, train, reduce_mean=t.reduce_mean, continuous=True,
                                       likelihood_weighting=t.likelihood_weighting,
                                       importance_weighting=t.get("importance_weighting", False),
                                       precond=build_precond(config, sde), eps=t.get("eps", max(1e-5, sde.t_min)),
                                       time_sampling=t.get("time_sampling", "uniform"),
-                                      p_mean=t.get("p_mean", -1.2), p_std=t.get("p_std", 1.2))
+                                      p_mean=t.get("p_mean", -1.2), p_std=t.get("p_std", 1.2), **classes)
     name = t.sde.lower()
     if name not in DISCRETE_LOSSES:
         raise ValueError(f"discrete training (training.continuous=False) supports {sorted(DISCRETE_LOSSES)}; "
                          f"got {t.sde!r}")
-    return DISCRETE_LOSSES[name](sde, apply_fn, train, reduce_mean=t.reduce_mean)
+    return DISCRETE_LOSSES[name](sde, apply_fn, train, reduce_mean=t.reduce_mean, **classes)
 
 
 def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn,
@@ -121,6 +124,15 @@ class Setup:
     compiled: dict = dataclasses.field(default_factory=dict)  # programs compiled for this setup, by name
 
 
+def check_classes(config: ml_collections.ConfigDict, data: sources.DataSource) -> None:
+    """A class-conditional network (`model.num_classes` > 0) needs a source with as many classes."""
+    n = config.model.get("num_classes", 0)
+    if n and n != data.num_classes:
+        raise ValueError(f"model.num_classes={n} but data.dataset={config.data.dataset!r} has "
+                         f"{data.num_classes or 'no'} class labels; set model.num_classes to "
+                         f"{data.num_classes} (0: unconditional)")
+
+
 def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx) -> state_lib.TrainState:
     """Step 0 from fresh `variables`, or from a score_sde Flax checkpoint (`model.flax_checkpoint`):
     its training params, and its EMA."""
@@ -142,6 +154,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     placement = parallel.get_placement(config.training.get("parallelism", "jit"))
     sde = build_sde(config)
     data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
+    check_classes(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
     build_objective(config, sde, apply_fn, train=True)  # the objective's and the sampler's settings fail
     methods.from_config(config.sampling)  # here, before any work

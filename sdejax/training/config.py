@@ -44,9 +44,10 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # unroll_steps: unroll the n_jitted_steps and microbatch loops (default: on CPU; sdejax.training.step).
     # time_sampling/p_mean/p_std/eps: how the DSM loss draws t ("uniform" on [eps, T], "importance",
     # or EDM's "lognormal" ln σ̃ ~ N(p_mean, p_std²)); sdejax.losses.get_sde_loss_fn.
+    # p_uncond: probability of dropping a label to the null class (CFG training; model.num_classes > 0).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
-                 "eps"},
+                 "eps", "p_uncond"},
     # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS).
     "sampling": set(methods.ALL_CONFIG_KEYS),
     # after_training: run the eval/sampling report when training ends (the quick start);
@@ -148,6 +149,7 @@ VALUE_RULES: dict[str, Rule] = {
     "training.parallelism": one_of(parallel.PARALLELISM),
     "training.eps": interval(0.0, 1.0, "()"),
     "training.p_std": POSITIVE,
+    "training.p_uncond": interval(0.0, 1.0, "[]"),
     "sampling.predictor": one_of(pc.PREDICTORS),
     "sampling.corrector": one_of(pc.CORRECTORS),
     "sampling.snr": NON_NEGATIVE,
