@@ -21,13 +21,14 @@ from ml_collections import config_flags
 
 CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = CHECKOUT / "configs" / "default_toy.py"
-MODES = ("train", "eval", "sample", "fid_stats")
+MODES = ("train", "eval", "sample", "fid_stats", "train_classifier")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
-flags.DEFINE_enum("mode", "train", list(MODES), "Run mode: train, eval, sample, or fid_stats (reference "
-                  "Inception statistics of config.eval.fid_split for FID/KID).")
+flags.DEFINE_enum("mode", "train", list(MODES), "Run mode: train, eval, sample, fid_stats (reference "
+                  "Inception statistics of config.eval.fid_split for FID/KID), or train_classifier (the "
+                  "noise-conditional classifier of config.classifier, for sampling.classifier_scale).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -50,10 +51,10 @@ def main(argv) -> None:
                                     auto=FLAGS.distributed)
 
     from sdejax.evaluation import workflow
-    from sdejax.training import modes, trainer
+    from sdejax.training import classifier_mode, modes, trainer
 
     run_mode = {"train": trainer.train_model, "eval": modes.run_eval, "sample": modes.run_sample,
-                "fid_stats": workflow.fid_stats}[FLAGS.mode]
+                "fid_stats": workflow.fid_stats, "train_classifier": classifier_mode.train_classifier}[FLAGS.mode]
     allow = {} if FLAGS.mode == "fid_stats" else {"allow_config_change": tuple(FLAGS.allow_config_change)}
     result = run_mode(FLAGS.config, FLAGS.workdir, **allow)
     import jax  # pylint: disable=import-outside-toplevel

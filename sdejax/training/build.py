@@ -24,7 +24,7 @@ from sdejax import sde as sde_lib
 from sdejax.models import convert_flax, mlp, registry
 from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
-from sdejax.training import sources, state as state_lib
+from sdejax.training import conditioning, sources, state as state_lib
 
 Array = jax.Array
 
@@ -104,9 +104,11 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
     return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
 
 
-def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, params) -> Callable[[Array, Array], Array]:
-    """`score_fn(x, t)` of the network with `params`, read through the configured preconditioner."""
-    return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde))
+def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, params,
+                   y: Array | None = None) -> Callable[[Array, Array], Array]:
+    """`score_fn(x, t)` of the network with `params` (and classes `y` of a class-conditional network;
+    None: its null class), read through the configured preconditioner."""
+    return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde), y=y)
 
 
 @dataclasses.dataclass
@@ -121,7 +123,15 @@ class Setup:
     state: state_lib.TrainState
     checkpointer: checkpoint.Checkpointer
     placement: parallel.Placement
+    objective_fn: Callable[[bool], objective_lib.Objective] | None = None  # None: `build_objective` of the config
+    workdir: pathlib.Path | None = None
     compiled: dict = dataclasses.field(default_factory=dict)  # programs compiled for this setup, by name
+
+    def objective(self, train: bool) -> objective_lib.Objective:
+        """The objective the train step (train=True) and the eval loss (train=False) call."""
+        if self.objective_fn is not None:
+            return self.objective_fn(train)
+        return build_objective(self.config, self.sde, self.apply_fn, train)
 
 
 def check_classes(config: ml_collections.ConfigDict, data: sources.DataSource) -> None:
@@ -157,7 +167,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     check_classes(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
     build_objective(config, sde, apply_fn, train=True)  # the objective's and the sampler's settings fail
-    methods.from_config(config.sampling)  # here, before any work
+    methods.from_config(conditioning.method_options(config.sampling))  # here, before any work
+    conditioning.check(config)
     tx = state_lib.get_optimizer(config.optim)
     state = _initial_state(config, variables, tx)
     t = config.training
@@ -168,4 +179,4 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     if restored is not None:
         state, data_state = restored
         data.set_state(data_state)
-    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement)
+    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement, workdir=pathlib.Path(workdir))

@@ -53,7 +53,7 @@ MAY_CHANGE = (
     "training.parallelism", "training.grad_accum_steps",
     "optim.lr", "optim.warmup", "optim.grad_clip", "model.ema_rate", "model.ema_warmup",
     "model.flax_checkpoint",
-    "eval.", "sampling.",
+    "eval.", "sampling.", "classifier.",
     "data.data_dir", "data.download", "data.num_threads", "data.prefetch", "data.num_workers",
 )
 _ABSENT = "<absent>"

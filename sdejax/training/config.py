@@ -21,7 +21,7 @@ from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
 from sdejax.sampling import methods, pc
-from sdejax.training import parallel, state
+from sdejax.training import conditioning, parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "training": {"batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq",
@@ -48,8 +48,9 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps", "p_uncond"},
-    # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS).
-    "sampling": set(methods.ALL_CONFIG_KEYS),
+    # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), and the class
+    # labels and guidance of sdejax.training.conditioning.
+    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS),
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).
@@ -86,6 +87,7 @@ SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "s
 NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
                                            **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
+OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,10 @@ VALUE_RULES: dict[str, Rule] = {
     "training.eps": interval(0.0, 1.0, "()"),
     "training.p_std": POSITIVE,
     "training.p_uncond": interval(0.0, 1.0, "[]"),
+    "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
+    "sampling.guidance_weight": interval(-math.inf, math.inf, "()"),
+    "sampling.guidance_rescale": interval(0.0, 1.0, "[]"),
+    "sampling.classifier_scale": NON_NEGATIVE,
     "sampling.predictor": one_of(pc.PREDICTORS),
     "sampling.corrector": one_of(pc.CORRECTORS),
     "sampling.snr": NON_NEGATIVE,
@@ -236,7 +242,7 @@ def model_keys(name: str) -> frozenset[str]:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming any unknown or missing key (`config.model`'s against `model_keys` of
     `model.name`) or any value out of its range (`check_values`)."""
-    _check_keys("config", set(config.keys()), TOP_LEVEL, TOP_LEVEL)
+    _check_keys("config", set(config.keys()), TOP_LEVEL | OPTIONAL_TOP_LEVEL, TOP_LEVEL)
     for section, required in REQUIRED_KEYS.items():
         valid, owner = VALID_KEYS.get(section), ""
         if section == "model" and "name" in config.model:

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdejax.sampling import methods
-from sdejax.training import build, parallel
+from sdejax.training import build, conditioning, parallel
 from sdejax.training import step as step_lib
 from sdejax.training.build import Setup, stream_key
 from sdejax.training.objective import Context
@@ -54,7 +54,7 @@ def _compiled(s: Setup, name: str, fn: Callable, *args, **jit_kwargs) -> tuple[C
 def make_eval_loss(s: Setup) -> Callable[[Any, int], float]:
     """(params, step) -> the objective on the held-out batch with a fixed key (eval-mode network;
     context: `step`, and `params` as the EMA parameters), sharded over the mesh."""
-    eval_step = step_lib.make_eval_step(build.build_objective(s.config, s.sde, s.apply_fn, train=False))
+    eval_step = step_lib.make_eval_step(s.objective(train=False))
     rng = stream_key(s.config, "eval")
     batch = {k: s.placement.rows_on_mesh(np.asarray(v)) for k, v in s.data.heldout.items()}
 
@@ -79,21 +79,40 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
     devices only (each process may call it with its own rng, any number of times)."""
-    draw = methods.from_config({**s.config.sampling.to_dict(), "method": method})
+    draw = methods.from_config({**conditioning.method_options(s.config.sampling), "method": method})
     shape = (n,) + tuple(np.shape(s.data.heldout["x"])[1:])
+    y = conditioning.sample_labels(s.config, n)
+    classifier = classifier_for(s)
 
-    def sample(params, rng):
-        return draw(rng, s.sde, build.build_score_fn(s.config, s.sde, s.apply_fn, params), shape)
+    def sample(params, classifier_params, rng):
+        log_prob = None if classifier is None else classifier[0](classifier_params)
+        score_fn = conditioning.guided_score_fn(
+            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
+        return draw(rng, s.sde, score_fn, shape)
 
     if local:
         mesh = Mesh(np.asarray(jax.local_devices()), (parallel.AXIS,))
-        params = jax.device_put(jax.tree_util.tree_map(_local_copy, s.state.ema_params), NamedSharding(mesh, P()))
+        put = lambda tree: jax.device_put(jax.tree_util.tree_map(_local_copy, tree), NamedSharding(mesh, P()))  # noqa: E731
     else:
-        mesh, params = s.placement.mesh, s.placement.on_mesh(s.state.ema_params)
+        mesh, put = s.placement.mesh, s.placement.on_mesh
+    params = put(s.state.ema_params)
+    classifier_params = None if classifier is None else put(classifier[1])
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
-    compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, jax.random.PRNGKey(0),
-                                    out_shardings=(out_sharding, NamedSharding(mesh, P())))
-    return (lambda rng: compiled(params, rng)), compile_s
+    compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
+                                    jax.random.PRNGKey(0), out_shardings=(out_sharding, NamedSharding(mesh, P())))
+    return (lambda rng: compiled(params, classifier_params, rng)), compile_s
+
+
+def classifier_for(s: Setup) -> Optional[tuple[Callable, Any]]:
+    """With `sampling.classifier_scale` > 0: (params -> log_prob_fn, EMA params) of the classifier of
+    `--mode=train_classifier` in this setup's workdir, restored once per setup; else None."""
+    if conditioning.settings(s.config)["classifier_scale"] <= 0:
+        return None
+    if "classifier" not in s.compiled:
+        from sdejax.training import classifier_mode
+
+        s.compiled["classifier"] = classifier_mode.restore_classifier(s.config, s.workdir)
+    return s.compiled["classifier"]
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
@@ -139,8 +158,8 @@ def heldout_bits_per_dim(s: Setup) -> dict:
     n_bits = None if s.data.num_levels is None else math.log2(s.data.num_levels)
     data_range = s.data.data_range or (0.0, 1.0)  # unbounded data: no rescaling
 
-    def nll_bits(params, rng, xb):
-        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, params)
+    def nll_bits(params, rng, xb, yb):  # a class-conditional model: log p(x | y) at the held-out labels
+        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, params, yb)
         logp, _, nfe = log_likelihood(rng, s.sde, score_fn, xb, **kwargs)
         return bits_per_dim(logp, xb.shape, data_range=data_range, n_bits=n_bits), nfe
 
@@ -150,10 +169,11 @@ def heldout_bits_per_dim(s: Setup) -> dict:
     limit = e.get("num_bpd_batches", 0) or None
     for i, local in enumerate(itertools.islice(s.data.eval_batches(batch_size), limit)):
         xb, key = s.placement.rows_on_mesh(local["x"]), jax.random.fold_in(stream_key(s.config, "eval"), i)
+        yb = s.placement.rows_on_mesh(local["y"]) if s.config.model.get("num_classes", 0) else None
         if i == 0:
-            compiled, compile_s = _compiled(s, "bits_per_dim", nll_bits, params, key, xb)
+            compiled, compile_s = _compiled(s, "bits_per_dim", nll_bits, params, key, xb, yb)
             start = time.perf_counter()
-        b, nfe = jax.block_until_ready(compiled(params, key, xb))
+        b, nfe = jax.block_until_ready(compiled(params, key, xb, yb))
         bits.append(to_host(b))
         nfes.append(int(to_host(nfe)))
     if not bits:

@@ -53,7 +53,7 @@ def make_multi_step(s: Setup):
     parallel.check_batch_size(t.batch_size, accum, s.placement)
     unroll = t.get("unroll_steps", None)
     unroll = jax.default_backend() == "cpu" if unroll is None else unroll  # see sdejax.training.step
-    train_step = step_lib.make_train_step(build.build_objective(config, s.sde, s.apply_fn, train=True), s.tx,
+    train_step = step_lib.make_train_step(s.objective(train=True), s.tx,
                                           config.model.ema_rate, ema_warmup=config.model.get("ema_warmup", False),
                                           grad_accum_steps=accum,
                                           axis_name=parallel.AXIS if s.placement.mode == "pmap" else None,
@@ -78,7 +78,7 @@ class _Log:
         return out
 
 
-def _run(s: Setup, workdir: pathlib.Path, writer: MetricWriter, watcher: preemption.PreemptionWatcher) -> dict:
+def run_steps(s: Setup, workdir: pathlib.Path, writer: MetricWriter, watcher: preemption.PreemptionWatcher) -> dict:
     """Steps from the restored state to `training.n_iters` (or a preemption), with checkpoints,
     logs, eval loss and snapshots; the final state is left in `s.state`."""
     t = s.config.training
@@ -139,7 +139,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     writer, watcher = MetricWriter(workdir), preemption.PreemptionWatcher()
     start = time.perf_counter()
     try:
-        metrics = _run(s, workdir, writer, watcher)
+        metrics = run_steps(s, workdir, writer, watcher)
     finally:
         watcher.close()
         writer.close()
