@@ -1,12 +1,13 @@
 """Preemption safety: a training process killed with SIGKILL, then one stopped by SIGTERM, resumed
-each time, ends bitwise equal to an uninterrupted run (CPU); a half-written checkpoint is never
-loaded; a checkpoint restored into a changed config names the changed parameter.
+each time, ends bitwise equal to an uninterrupted run (CPU), and so does one killed at random moments;
+a half-written checkpoint is never loaded; a checkpoint restored into a changed config names the changed parameter.
 """
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -36,6 +37,10 @@ WORKER = textwrap.dedent("""
     metrics = trainer.train_model(config(), sys.argv[1])
     print("done", metrics["steps"], metrics["preempted"], flush=True)
 """)
+
+
+# The same run with no pause: kills land wherever the process happens to be (a step, a save, a restore).
+RANDOM_WORKER = WORKER.replace("        time.sleep(0.5)\n", "")
 
 
 def config(**extra):
@@ -99,3 +104,23 @@ def test_nonfinite_state_is_never_saved(straight, tmp_path):
     with pytest.raises(checkpoint.NonFiniteError, match=r"non-finite values in .*ema_params.*at step 61; not saved"):
         s.checkpointer.save(bad)
     assert s.checkpointer.all_steps() == [30, 60]
+
+
+def test_kill_at_random_moments_then_resume_is_bitwise_exact(straight, tmp_path):
+    """SIGKILL at a random moment after the first save, twice (the moment drawn from U(0, 1.5 s),
+    so it falls in steps, in asynchronous saves or in the restore of the next start), then a run to
+    the end: the final state equals the uninterrupted run's bitwise."""
+    workdir, rng, kills = tmp_path / "random", np.random.default_rng(0), 0
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", RANDOM_WORKER, str(workdir)], cwd=ROOT, env=subprocess_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        first = proc.stdout.readline()
+        if kills < 2 and first.startswith("saved"):
+            time.sleep(rng.uniform(0.0, 1.5))
+            proc.kill()
+            kills += proc.wait(timeout=120) == -signal.SIGKILL
+        out = proc.communicate(timeout=300)[0]
+        if proc.returncode == 0 and f"done {OVERRIDES['training.n_iters']} False" in out:
+            break
+    assert kills == 2 and proc.returncode == 0, (kills, proc.returncode)
+    assert_states_equal(build.setup(config(), workdir).state, build.setup(config(), straight).state)
