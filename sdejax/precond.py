@@ -10,6 +10,12 @@ the VE-form variables x̃ = x/α, σ̃ = σ/α and predict x₀:
 
     c_in = 1/(α sqrt(σ̃² + σ_d²)),  c_skip = σ_d² / (α (σ̃² + σ_d²)),  c_out = σ̃ σ_d / sqrt(σ̃² + σ_d²).
 
+A consistency model (Song et al. 2023) sets `sigma_min` as well: the boundary-shifted scalings
+
+    c_skip = σ_d² / (α ((σ̃ − σ_min)² + σ_d²)),  c_out = (σ̃ − σ_min) σ_d / sqrt(σ̃² + σ_d²)
+
+(c_in, c_noise as EDM's) give c_skip = 1/α, c_out = 0 at σ̃ = σ_min, so f(x, σ_min) = x/α exactly.
+
 `labels` names the noise conditioning c_noise and where (α, σ) come from (`LABELS`):
 
     time        999 t/T, schedule (α, σ)                 score_sde continuous VP / sub-VP
@@ -85,6 +91,7 @@ class Precond:
     output: str = "eps"
     labels: str = "time"
     sigma_data: float | None = None
+    sigma_min: float | None = None
 
     def __post_init__(self):
         check_prediction(self.output)
@@ -93,6 +100,9 @@ class Precond:
         if self.sigma_data is not None and not (self.sigma_data > 0 and self.output == "x0"):
             raise ValueError(f"EDM scalings need sigma_data > 0 and output 'x0'; got sigma_data={self.sigma_data}, "
                              f"output={self.output!r}")
+        if self.sigma_min is not None and not (self.sigma_data is not None and self.sigma_min > 0):
+            raise ValueError(f"the consistency boundary sigma_min needs sigma_data set and sigma_min > 0; got "
+                             f"sigma_min={self.sigma_min}, sigma_data={self.sigma_data}")
 
     # Named constructors -------------------------------------------------------------------------
     @classmethod
@@ -115,6 +125,11 @@ class Precond:
         """EDM's preconditioning: x₀ output, c_noise = ¼ ln σ̃, scalings with σ_data."""
         return cls("x0", "edm", float(sigma_data))
 
+    @classmethod
+    def consistency(cls, sigma_data: float = 0.5, sigma_min: float = 0.002) -> "Precond":
+        """A consistency model's: EDM's with c_skip, c_out shifted so that f(x, σ_min) = x (module docstring)."""
+        return cls("x0", "edm", float(sigma_data), float(sigma_min))
+
     # The maps ------------------------------------------------------------------------------------
     def inputs(self, sde: Any, t: Array) -> tuple[Array, Array, Array]:
         """(c_noise labels, α, σ) at times t of shape (batch,)."""
@@ -127,6 +142,10 @@ class Precond:
             return one, jnp.zeros_like(sigma), one
         sd2, st = self.sigma_data**2, sigma / alpha
         norm = st**2 + sd2
+        if self.sigma_min is not None:  # consistency boundary: c_skip = 1/α, c_out = 0 at σ̃ = σ_min
+            shift = st - self.sigma_min
+            return (1.0 / (alpha * jnp.sqrt(norm)), sd2 / (alpha * (shift**2 + sd2)),
+                    shift * self.sigma_data / jnp.sqrt(norm))
         return 1.0 / (alpha * jnp.sqrt(norm)), sd2 / (alpha * norm), st * self.sigma_data / jnp.sqrt(norm)
 
     def apply(self, net: Callable[[Array, Array], Array], sde: Any, x: Array, t: Array) -> tuple[Array, Array, Array]:
