@@ -199,6 +199,9 @@ def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array],
     if isinstance(solver, str):
         _check_choice("solver", solver, tuple(SOLVERS))
         solver = SOLVERS[solver]
+    if not callable(num_scales) and (isinstance(num_scales, bool) or int(num_scales) != num_scales or num_scales < 2):
+        raise ValueError(f"num_scales must be an integer >= 2 (levels incl. sigma_min and sigma_max) or a function "
+                         f"of the step; got {num_scales!r}")
     n_fn = num_scales if callable(num_scales) else (lambda step, n=int(num_scales): jnp.asarray(n, jnp.int32))
     f = ConsistencyFn(apply_fn, Precond.consistency(sigma_data, sigma_min), bool(train))
     levels = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)

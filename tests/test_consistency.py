@@ -349,6 +349,8 @@ def test_bad_options_fail_fast():
         cm.ct_objective(exact_apply, 10, distance_kind="lpips")
     with pytest.raises(ValueError, match="valid"):
         cm.ct_ema_rate(0, 10, convention="code")
+    with pytest.raises(ValueError, match="num_scales"):
+        cm.cd_objective(exact_apply, lambda _: gaussian_score, num_scales=1)
     obj = cm.ct_objective(exact_apply, 10)
     params = {"scale": jnp.float32(1.0)}
     with pytest.raises(ValueError, match="target_params"):
