@@ -69,7 +69,7 @@ def score_samples(config, workdir, clf_params, settings: dict) -> tuple[dict, np
     logits = digits_monitor.DigitsClassifier().apply(clf_params, images)[1]
     y = np.arange(len(x)) % 10
     acc = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
-    s.data.save(workdir / "guidance" / "_".join(f"{k}={v:g}" for k, v in settings.items()), {"samples": x})
+    modes.save_samples(s, workdir / "guidance" / "_".join(f"{k}={v:g}" for k, v in settings.items()), {"samples": x})
     return {**settings, "accuracy": acc, "accuracy_se": float(np.sqrt(acc * (1 - acc) / len(x))),
             "nfe": info["nfe"], "wall_s": time.perf_counter() - start}, x
 
