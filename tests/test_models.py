@@ -29,6 +29,12 @@ FIXTURES = ["model_ncsnpp_ve_outputskip", "model_ddpmpp_vp", "model_ncsnpp_ve_re
             "model_ddpm_vp", "model_ncsnv2_ve"]
 
 
+def rbg_key(seed: int) -> jax.Array:
+    """An "rbg" key for network init and dropout: XLA:CPU compiles threefry's initialisers and masks
+    slowly (measured for tiny/ncsn_ve init: 51 s threefry vs 26 s rbg on 2 shared cores)."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def load_config(name: str) -> ml_collections.ConfigDict:
     """`configs/<name>.py`'s get_config()."""
     return importlib.import_module("configs." + name.replace("/", ".")).get_config()
@@ -154,12 +160,13 @@ def test_npz_round_trip(tmp_path, fixtures_dir):
 def tiny_class_conditional():
     config = load_config("tiny/ncsnpp_ve")
     config.model.num_classes = 3
-    model, variables = init_model(config, jax.random.PRNGKey(0), batch_size=2)
-    # Perturb the weights: the zero-initialised output layers would hide every effect.
+    model, variables = init_model(config, rbg_key(0), batch_size=2)
+    # Perturb the weights: the zero-initialised output layers would hide every effect (numpy draws: one
+    # jax.random.normal per leaf shape would be one compile each).
     leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    noise = np.random.default_rng(3)
     variables = jax.tree_util.tree_unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+        tree, [jnp.asarray(p + 0.05 * noise.standard_normal(p.shape), p.dtype) for p in leaves])
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
     return config, model, variables, x, jnp.array([0.5, 3.0])
 
@@ -189,10 +196,10 @@ def test_dropout_only_in_train_mode(tiny_class_conditional):
     _, model, variables, x, sigmas = tiny_class_conditional
     apply = make_apply_fn(model)
     fn = jax.jit(lambda rng, train: apply(variables, x, sigmas, train=train, rng=rng), static_argnums=1)
-    np.testing.assert_array_equal(fn(jax.random.PRNGKey(0), False), fn(jax.random.PRNGKey(1), False))
-    a, b = fn(jax.random.PRNGKey(0), True), fn(jax.random.PRNGKey(1), True)
+    np.testing.assert_array_equal(fn(rbg_key(0), False), fn(rbg_key(1), False))
+    a, b = fn(rbg_key(0), True), fn(rbg_key(1), True)
     assert np.abs(a - b).max() > 1e-3 * np.abs(a).max()
-    np.testing.assert_array_equal(a, fn(jax.random.PRNGKey(0), True))
+    np.testing.assert_array_equal(a, fn(rbg_key(0), True))
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_output(tiny_class_conditional):
@@ -218,7 +225,7 @@ def test_tiny_model_trains(name):
     NCSNv2 share their blocks and are covered by the reference fixtures.
     """
     config = load_config(name)
-    model, variables = init_model(config, jax.random.PRNGKey(0), batch_size=4)
+    model, variables = init_model(config, rbg_key(0), batch_size=4)
     apply = make_apply_fn(model)
     x0 = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3))
     z = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
@@ -246,7 +253,7 @@ def test_tiny_model_trains(name):
     params, opt_state = variables, opt.init(variables)
     losses = []
     for i in range(5):
-        params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(10 + i))
+        params, opt_state, loss = step(params, opt_state, rbg_key(10 + i))
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     if "constants" in params:  # the frozen Fourier W never moves
