@@ -57,8 +57,14 @@ def common(config, args):
     return c
 
 
+def settings_conditional(config) -> bool:
+    """Whether the samples have classes (a conditional model, or classifier guidance)."""
+    return bool(config.model.get("num_classes", 0) or config.sampling.get("classifier_scale", 0) > 0)
+
+
 def score_samples(config, workdir, clf_params, settings: dict) -> tuple[dict, np.ndarray]:
-    """Samples with `settings` and the monitor classifier's accuracy on them (labels i mod 10)."""
+    """Samples with `settings` and the monitor classifier's accuracy on them (labels i mod 10), a grid of
+    all of them (classes in turn) and one grid per class."""
     c = copy.deepcopy(config)
     for k, v in settings.items():
         c.sampling[k] = v
@@ -69,7 +75,9 @@ def score_samples(config, workdir, clf_params, settings: dict) -> tuple[dict, np
     logits = digits_monitor.DigitsClassifier().apply(clf_params, images)[1]
     y = np.arange(len(x)) % 10
     acc = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
-    modes.save_samples(s, workdir / "guidance" / "_".join(f"{k}={v:g}" for k, v in settings.items()), {"samples": x})
+    per_class = {f"class{k}": x[y == k] for k in range(10)} if settings_conditional(c) else {}
+    modes.save_samples(s, workdir / "guidance" / "_".join(f"{k}={v:g}" for k, v in settings.items()),
+                       {"samples": x, **per_class})
     return {**settings, "accuracy": acc, "accuracy_se": float(np.sqrt(acc * (1 - acc) / len(x))),
             "nfe": info["nfe"], "wall_s": time.perf_counter() - start}, x
 
