@@ -71,6 +71,12 @@ BAD_VALUES = [
     ("model.name", "resnet", r"unknown model.name 'resnet'; valid: \['mlp', 'ncsnpp'"),
     ("model.precond", "karras", r"unknown model.precond 'karras'; valid: \['default', 'plain', 'edm'\]"),
     ("training.sde", "edm", r"unknown training.sde 'edm'; valid: \['cosinevpsde'"),
+    ("training.objective", "flow", r"unknown training.objective 'flow'; valid: \['dsm', 'ct', 'ict', 'cd'\]"),
+    ("training.ct_total_steps", 0, r"training.ct_total_steps must be an integer >= 1 \(K of the CT/iCT"),
+    ("training.teacher_workdir", "", r"training.teacher_workdir must be a non-empty path; got ''"),
+    ("training.cd_solver", "rk4", r"unknown training.cd_solver 'rk4'; valid: \['heun', 'euler'\]"),
+    ("training.num_scales", 1, r"training.num_scales must be an integer >= 2 \(levels incl"),
+    ("training.target_ema", 1.0, r"training.target_ema must be in \[0, 1\); got 1.0"),
 ]
 
 

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sdejax import losses, score
+from absl import logging
+
+from sdejax import consistency, losses, score
 from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
 from sdejax.models import convert_flax, mlp, registry
@@ -97,11 +99,92 @@ def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn,
     return DISCRETE_LOSSES[name](sde, apply_fn, train, reduce_mean=t.reduce_mean, **classes)
 
 
-def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn,
-                    train: bool) -> objective_lib.Objective:
-    """What the train step (and the eval loss) call: `objective(params, rng, batch, context)`; today
-    the library loss of `build_loss_fn`, which needs no context (`objective.from_loss`)."""
-    return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A frozen score model (consistency distillation): its own saved config, schedule and network,
+    and the EMA parameters of its newest checkpoint, loaded once (`load_teacher`)."""
+
+    config: ml_collections.ConfigDict
+    sde: sde_lib.SDE
+    apply_fn: Callable[..., Array]
+    params: Any
+    step: int
+
+    def score_fn(self, params: Any) -> Callable[[Array, Array], Array]:
+        """`score_fn(x, σ)` of the teacher network with `params` (EDM schedule: t = σ)."""
+        return build_score_fn(self.config, self.sde, self.apply_fn, params)
+
+
+def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
+                 sharding: jax.sharding.Sharding | None = None) -> Teacher:
+    """The teacher of `training.teacher_workdir`: the newest intact checkpoint's EMA parameters, built
+    with the config saved beside them (not this run's), which must train a score model ("dsm") on the
+    EDM schedule."""
+    workdir = pathlib.Path(config.training.teacher_workdir)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=None)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"training.teacher_workdir: no checkpoint in {workdir / 'checkpoints'}")
+    teacher_config = ml_collections.ConfigDict(ckpt.saved_config(step))
+    if not teacher_config:
+        raise ValueError(f"training.teacher_workdir: checkpoint step {step} in {workdir} carries no config")
+    if config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde.lower() != "edmsde":
+        raise ValueError(f"training.teacher_workdir must hold a score model trained with training.objective = "
+                         f"'dsm' and training.sde = 'edmsde' (sigma = t); {workdir} has objective "
+                         f"{config_lib.objective_name(teacher_config)!r}, sde {teacher_config.training.sde!r}")
+    apply_fn, variables = build_model(teacher_config, stream_key(teacher_config, "init"), example_x)
+    target = state_lib.create_train_state(variables, state_lib.get_optimizer(teacher_config.optim),
+                                          stream_key(teacher_config, "state"))
+    restored, _ = ckpt.restore(target, step=step, sharding=sharding)
+    ckpt.close()
+    logging.info("teacher: EMA parameters of step %d in %s", step, workdir)
+    return Teacher(teacher_config, build_sde(teacher_config), apply_fn, restored.ema_params, step)
+
+
+def consistency_levels(config: ml_collections.ConfigDict) -> dict:
+    """σ_min, σ_max (of the EDM schedule, `config.model`) and σ_data of a consistency model."""
+    m = config.model
+    return dict(sigma_min=float(m.get("sigma_min", 0.002)), sigma_max=float(m.get("sigma_max", 80.0)),
+                sigma_data=float(m.get("sigma_data", 0.5)))
+
+
+def ct_total_steps(config: ml_collections.ConfigDict) -> int:
+    """K of the CT/iCT schedules: `training.ct_total_steps`, default `training.n_iters`."""
+    return int(config.training.get("ct_total_steps", config.training.n_iters))
+
+
+def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, train: bool,
+                    teacher: Teacher | None = None) -> objective_lib.Objective:
+    """What the train step (and the eval loss) call: `objective(params, rng, batch, context)`: for
+    `training.objective` = "dsm" (default) the library loss of `build_loss_fn`, which needs no context
+    (`objective.from_loss`); "ct", "ict", "cd" the consistency objectives of `sdejax.consistency` on
+    the EDM levels of `config.model` (CT/iCT schedules over `ct_total_steps`; CD with `teacher`,
+    `training.cd_solver` and `training.num_scales`)."""
+    name = config_lib.objective_name(config)
+    if name == "dsm":
+        return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
+    t, levels = config.training, dict(consistency_levels(config), train=train)
+    if name == "ct":
+        return consistency.ct_objective(apply_fn, ct_total_steps(config), **levels)
+    if name == "ict":
+        return consistency.ict_objective(apply_fn, ct_total_steps(config), **levels)
+    if name == "cd":
+        if teacher is None:
+            raise ValueError("training.objective = 'cd' needs the teacher (`load_teacher`)")
+        return consistency.cd_objective(apply_fn, teacher.score_fn, num_scales=t.get("num_scales", 18),
+                                        solver=t.get("cd_solver", "heun"), **levels)
+    raise config_lib.VALUE_RULES["training.objective"].error("training.objective", name)
+
+
+def target_rate(config: ml_collections.ConfigDict) -> Callable[[Array], Array] | None:
+    """μ(step) of the target θ⁻ ← μ θ⁻ + (1 − μ) θ: CT's `ct_ema_rate(step, K)`, CD's constant
+    `training.target_ema` (default 0.95); None for objectives without a target (dsm; iCT: θ⁻ = sg(θ))."""
+    name = config_lib.objective_name(config)
+    if name == "ct":
+        return lambda step, k=ct_total_steps(config): consistency.ct_ema_rate(step, k)
+    if name == "cd":
+        return lambda step, mu=float(config.training.get("target_ema", 0.95)): jnp.asarray(mu, jnp.float32)
+    return None
 
 
 def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn, params,
@@ -109,6 +192,12 @@ def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn
     """`score_fn(x, t)` of the network with `params` (and classes `y` of a class-conditional network;
     None: its null class), read through the configured preconditioner."""
     return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde), y=y)
+
+
+def sampler_options(config: ml_collections.ConfigDict) -> dict:
+    """`config.sampling` as `sdejax.sampling.methods.from_config` reads it: without the guidance keys
+    and the consistency sampler's `consistency_sigmas`."""
+    return {k: v for k, v in conditioning.method_options(config.sampling).items() if k != "consistency_sigmas"}
 
 
 @dataclasses.dataclass
@@ -126,12 +215,18 @@ class Setup:
     objective_fn: Callable[[bool], objective_lib.Objective] | None = None  # None: `build_objective` of the config
     workdir: pathlib.Path | None = None
     compiled: dict = dataclasses.field(default_factory=dict)  # programs compiled for this setup, by name
+    teacher: Teacher | None = None  # consistency distillation's frozen score model (not in the state)
+
+    @property
+    def teacher_params(self) -> Any:
+        """The teacher's parameters (an argument of the jitted step, `Context.teacher_params`), or None."""
+        return None if self.teacher is None else self.teacher.params
 
     def objective(self, train: bool) -> objective_lib.Objective:
         """The objective the train step (train=True) and the eval loss (train=False) call."""
         if self.objective_fn is not None:
             return self.objective_fn(train)
-        return build_objective(self.config, self.sde, self.apply_fn, train)
+        return build_objective(self.config, self.sde, self.apply_fn, train, self.teacher)
 
 
 def check_classes(config: ml_collections.ConfigDict, data: sources.DataSource) -> None:
@@ -143,15 +238,26 @@ def check_classes(config: ml_collections.ConfigDict, data: sources.DataSource) -
                          f"{data.num_classes} (0: unconditional)")
 
 
-def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx) -> state_lib.TrainState:
+def _same_shapes(a: Any, b: Any) -> bool:
+    shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)  # noqa: E731
+    return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and shapes(a) == shapes(b)
+
+
+def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx,
+                   teacher: Teacher | None = None) -> state_lib.TrainState:
     """Step 0 from fresh `variables`, or from a score_sde Flax checkpoint (`model.flax_checkpoint`):
-    its training params, and its EMA."""
-    path = config.model.get("flax_checkpoint", "")
+    its training params, and its EMA. Objectives with a target θ⁻ (`target_rate`) start it at θ; CD
+    starts θ (= θ⁻ = EMA) from the teacher's parameters when the networks have the same shapes (the
+    consistency models paper's initialisation)."""
+    path, with_target = config.model.get("flax_checkpoint", ""), target_rate(config) is not None
     if not path:
-        return state_lib.create_train_state(variables, tx, stream_key(config, "state"))
+        if teacher is not None and _same_shapes(teacher.params, variables):
+            logging.info("consistency distillation: the student starts from the teacher's parameters")
+            variables = jax.device_get(teacher.params)  # host copies: the step donates the state, not the teacher
+        return state_lib.create_train_state(variables, tx, stream_key(config, "state"), with_target)
     original = convert_flax.read_flax_checkpoint(path)
     state = state_lib.create_train_state(convert_flax.from_flax_params(original["optimizer"]["target"], config),
-                                         tx, stream_key(config, "state"))
+                                         tx, stream_key(config, "state"), with_target)
     return state.replace(ema_params=convert_flax.from_flax_params(original["params_ema"], config))
 
 
@@ -166,11 +272,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
     check_classes(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
-    build_objective(config, sde, apply_fn, train=True)  # the objective's and the sampler's settings fail
-    methods.from_config(conditioning.method_options(config.sampling))  # here, before any work
+    teacher = None
+    if config_lib.objective_name(config) == "cd":
+        teacher = load_teacher(config, jnp.asarray(data.heldout["x"]), placement.state_sharding())
+    build_objective(config, sde, apply_fn, True, teacher)  # the objective's and the sampler's settings fail
+    methods.from_config(sampler_options(config))  # here, before any work
     conditioning.check(config)
     tx = state_lib.get_optimizer(config.optim)
-    state = _initial_state(config, variables, tx)
+    state = _initial_state(config, variables, tx, teacher)
     t = config.training
     ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=t.get("keep_checkpoints", 1),
                                    keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None,
@@ -179,4 +288,5 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     if restored is not None:
         state, data_state = restored
         data.set_state(data_state)
-    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement, workdir=pathlib.Path(workdir))
+    return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement, workdir=pathlib.Path(workdir),
+                 teacher=teacher)

@@ -318,6 +318,10 @@ class Checkpointer:
     def _saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config or {}
 
+    def saved_config(self, step: int) -> dict:
+        """The config (a dict) saved with the checkpoint at `step` ({} if none was saved)."""
+        return self._saved_config(step)
+
     def _check_compatible(self, target: TrainState, step: int) -> None:
         """Raise ValueError naming the first parameter whose path or shape differs from the checkpoint."""
         saved = self.manager.item_metadata(step).state

@@ -45,12 +45,18 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # time_sampling/p_mean/p_std/eps: how the DSM loss draws t ("uniform" on [eps, T], "importance",
     # or EDM's "lognormal" ln σ̃ ~ N(p_mean, p_std²)); sdejax.losses.get_sde_loss_fn.
     # p_uncond: probability of dropping a label to the null class (CFG training; model.num_classes > 0).
+    # objective: "dsm" (default) or a consistency objective "ct" / "ict" / "cd" (sdejax.consistency;
+    # EDM SDE only); ct_total_steps: K of the CT/iCT schedules N(k), μ(k) (default: n_iters);
+    # teacher_workdir/cd_solver/num_scales/target_ema: CD's teacher run, its PF-ODE step, the levels N
+    # and the constant EMA rate of the target θ⁻ (`check_objective`).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
-                 "eps", "p_uncond"},
-    # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), and the class
-    # labels and guidance of sdejax.training.conditioning.
-    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS),
+                 "eps", "p_uncond", "objective", "ct_total_steps", "teacher_workdir", "cd_solver", "num_scales",
+                 "target_ema"},
+    # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), the class
+    # labels and guidance of sdejax.training.conditioning, and a consistency model's σ list
+    # (consistency_sigmas, descending; default (model.sigma_max,): one step).
+    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS) | {"consistency_sigmas"},
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).
@@ -87,6 +93,13 @@ SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "s
 NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
                                            **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
+OBJECTIVES = ("dsm", "ct", "ict", "cd")
+CONSISTENCY_OBJECTIVES = ("ct", "ict", "cd")
+CD_SOLVERS = ("heun", "euler")
+# keys read only by some objectives (an unread setting fails fast)
+OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_workdir": ("cd",),
+                  "training.cd_solver": ("cd",), "training.num_scales": ("cd",), "training.target_ema": ("cd",),
+                  "sampling.consistency_sigmas": CONSISTENCY_OBJECTIVES}
 OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
 
@@ -152,6 +165,12 @@ VALUE_RULES: dict[str, Rule] = {
     "training.eps": interval(0.0, 1.0, "()"),
     "training.p_std": POSITIVE,
     "training.p_uncond": interval(0.0, 1.0, "[]"),
+    "training.objective": one_of(OBJECTIVES),
+    "training.ct_total_steps": at_least(1, "K of the CT/iCT schedules"),
+    "training.teacher_workdir": Rule("a non-empty path", lambda v: isinstance(v, str) and bool(v)),
+    "training.cd_solver": one_of(CD_SOLVERS),
+    "training.num_scales": at_least(2, "levels incl. sigma_min and sigma_max"),
+    "training.target_ema": interval(0.0, 1.0, "[)"),
     "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
     "sampling.guidance_weight": interval(-math.inf, math.inf, "()"),
     "sampling.guidance_rescale": interval(0.0, 1.0, "[]"),
@@ -215,6 +234,54 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                          "(eval.end_ckpt = -1: no upper bound)")
 
 
+def objective_name(config: ml_collections.ConfigDict) -> str:
+    """`training.objective` ("dsm" when absent)."""
+    return config.training.get("objective", "dsm")
+
+
+def is_consistency(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains a consistency model (sampled by `consistency_sample`, no score)."""
+    return objective_name(config) in CONSISTENCY_OBJECTIVES
+
+
+def _check_sigmas(config: ml_collections.ConfigDict) -> None:
+    present, sigmas = _lookup(config, "sampling.consistency_sigmas")
+    if not present:
+        return
+    lo = float(config.model.get("sigma_min", 0.002))
+    ok = isinstance(sigmas, (list, tuple)) and len(sigmas) >= 1 and all(_is_real(v) for v in sigmas)
+    if not (ok and all(a > b for a, b in zip(sigmas, sigmas[1:])) and sigmas[-1] >= lo):
+        raise ValueError(f"sampling.consistency_sigmas must be a non-empty strictly decreasing sequence of reals "
+                         f">= model.sigma_min = {lo} (e.g. (80.0, 0.821)); got {sigmas!r}")
+
+
+def check_objective(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError for settings the chosen `training.objective` cannot use: a consistency
+    objective needs the EDM schedule (α = 1, σ = t: `training.sde = "edmsde"`), an unconditional
+    network and no bits/dim (no score, so no PF-ODE likelihood); CD needs `training.teacher_workdir`;
+    a key another objective reads (`OBJECTIVE_KEYS`) may not be set."""
+    name = objective_name(config)
+    for key, readers in OBJECTIVE_KEYS.items():
+        if _lookup(config, key)[0] and name not in readers:
+            raise ValueError(f"{key} is read by training.objective in {list(readers)} only; "
+                             f"training.objective = {name!r}")
+    if name not in CONSISTENCY_OBJECTIVES:
+        return
+    if config.training.sde.lower() != "edmsde":
+        raise ValueError(f"training.objective = {name!r} (a consistency model) needs the EDM schedule "
+                         f"(alpha = 1, sigma = t): set training.sde = 'edmsde'; got {config.training.sde!r}")
+    if name == "cd" and not config.training.get("teacher_workdir", ""):
+        raise ValueError("training.objective = 'cd' needs training.teacher_workdir: the workdir of a trained "
+                         "sdejax score model (training.sde = 'edmsde') whose newest checkpoint's EMA is the teacher")
+    if config.model.get("num_classes", 0):
+        raise ValueError(f"training.objective = {name!r} trains an unconditional consistency model; "
+                         f"set model.num_classes = 0")
+    if config.eval.enable_bpd:
+        raise ValueError(f"eval.enable_bpd: a consistency model (training.objective = {name!r}) has no score "
+                         "function, so no probability-flow ODE likelihood; set eval.enable_bpd = False")
+    _check_sigmas(config)
+
+
 def nothing_to_train(step: int, n_iters: int) -> str | None:
     """The warning for a run whose state is already at (or past) `training.n_iters`, else None."""
     if step < n_iters:
@@ -241,7 +308,8 @@ def model_keys(name: str) -> frozenset[str]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming any unknown or missing key (`config.model`'s against `model_keys` of
-    `model.name`) or any value out of its range (`check_values`)."""
+    `model.name`), any value out of its range (`check_values`) or a setting the objective cannot use
+    (`check_objective`)."""
     _check_keys("config", set(config.keys()), TOP_LEVEL | OPTIONAL_TOP_LEVEL, TOP_LEVEL)
     for section, required in REQUIRED_KEYS.items():
         valid, owner = VALID_KEYS.get(section), ""
@@ -249,3 +317,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             valid, owner = model_keys(config.model.name), f" for model.name={config.model.name!r}"
         _check_keys(section, set(config[section].keys()), valid, required, owner)
     check_values(config)
+    check_objective(config)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sdejax.sampling import methods
-from sdejax.training import build, conditioning, parallel
+from sdejax.training import build, conditioning, config as config_lib, parallel
 from sdejax.training import step as step_lib
 from sdejax.training.build import Setup, stream_key
 from sdejax.training.objective import Context
@@ -29,6 +29,7 @@ from sdejax.training.writer import MetricWriter
 Array = jax.Array
 
 REPORT_METHODS = ("pc", "ode", "dpm_solver")
+CONSISTENCY = "consistency"  # the sampler of every consistency objective (whatever sampling.method says)
 
 
 def to_host(x: Array) -> np.ndarray:
@@ -53,17 +54,22 @@ def _compiled(s: Setup, name: str, fn: Callable, *args, **jit_kwargs) -> tuple[C
 
 def make_eval_loss(s: Setup) -> Callable[[Any, int], float]:
     """(params, step) -> the objective on the held-out batch with a fixed key (eval-mode network;
-    context: `step`, and `params` as the EMA parameters), sharded over the mesh."""
+    context: `step`, and `params` as the EMA parameters, and as the target θ⁻ of an objective that
+    keeps one; the setup's teacher parameters), sharded over the mesh."""
     eval_step = step_lib.make_eval_step(s.objective(train=False))
     rng = stream_key(s.config, "eval")
     batch = {k: s.placement.rows_on_mesh(np.asarray(v)) for k, v in s.data.heldout.items()}
+    with_target = s.state.target_params is not None
 
-    def loss(params, batch, step):
-        return eval_step(params, rng, batch, Context(step=step, ema_params=params))
+    def loss(params, batch, step, teacher_params):
+        context = Context(step=step, ema_params=params, target_params=params if with_target else None,
+                          teacher_params=teacher_params)
+        return eval_step(params, rng, batch, context)
 
     fn = s.compiled.setdefault("eval_loss", jax.jit(loss))
+    teacher = None if s.teacher_params is None else s.placement.on_mesh(s.teacher_params)
     return lambda params, step: float(to_host(fn(s.placement.on_mesh(params), batch,
-                                                  s.placement.on_mesh(np.int32(step)))))
+                                                  s.placement.on_mesh(np.int32(step)), teacher)))
 
 
 def _local_copy(x: Any) -> np.ndarray:
@@ -74,21 +80,17 @@ def _local_copy(x: Any) -> np.ndarray:
 def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
     """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` (any name in
     `sdejax.sampling.methods.METHODS`, with the options config.sampling gives it), compiled once,
-    and the compile time.
+    and the compile time. A consistency model (`config.is_consistency`) is sampled by multistep
+    consistency sampling on `consistency_sigmas` instead, whatever `method`.
 
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
     devices only (each process may call it with its own rng, any number of times)."""
-    draw = methods.from_config({**conditioning.method_options(s.config.sampling), "method": method})
     shape = (n,) + tuple(np.shape(s.data.heldout["x"])[1:])
-    y = conditioning.sample_labels(s.config, n)
-    classifier = classifier_for(s)
-
-    def sample(params, classifier_params, rng):
-        log_prob = None if classifier is None else classifier[0](classifier_params)
-        score_fn = conditioning.guided_score_fn(
-            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
-        return draw(rng, s.sde, score_fn, shape)
+    if config_lib.is_consistency(s.config):
+        sample, method, classifier = _consistency_sampler(s.config, s.apply_fn, shape), CONSISTENCY, None
+    else:
+        sample, classifier = _score_sampler(s, method, n, shape), classifier_for(s)
 
     if local:
         mesh = Mesh(np.asarray(jax.local_devices()), (parallel.AXIS,))
@@ -101,6 +103,43 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
     compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
                                     jax.random.PRNGKey(0), out_shardings=(out_sharding, NamedSharding(mesh, P())))
     return (lambda rng: compiled(params, classifier_params, rng)), compile_s
+
+
+def _score_sampler(s: Setup, method: str, n: int, shape: tuple[int, ...]) -> Callable:
+    """`sample(params, classifier_params, rng) -> (x, nfe)` by a score-based `method`."""
+    draw = methods.from_config({**build.sampler_options(s.config), "method": method})
+    y = conditioning.sample_labels(s.config, n)
+    classifier = classifier_for(s)
+
+    def sample(params, classifier_params, rng):
+        log_prob = None if classifier is None else classifier[0](classifier_params)
+        score_fn = conditioning.guided_score_fn(
+            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
+        return draw(rng, s.sde, score_fn, shape)
+
+    return sample
+
+
+def consistency_sigmas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """`sampling.consistency_sigmas` (descending), default (σ_max,): one step."""
+    default = (build.consistency_levels(config)["sigma_max"],)
+    return tuple(float(v) for v in config.sampling.get("consistency_sigmas", default))
+
+
+def _consistency_sampler(config: ml_collections.ConfigDict, apply_fn: Callable, shape: tuple[int, ...]) -> Callable:
+    """`sample(params, _, rng) -> (x, nfe)`: multistep consistency sampling of the consistency function
+    f_θ (`get_consistency_fn`) on `consistency_sigmas` (NFE = their number); no score is involved."""
+    from sdejax.consistency import get_consistency_fn
+    from sdejax.sampling.consistency import consistency_sample
+
+    levels, sigmas = build.consistency_levels(config), consistency_sigmas(config)
+
+    def sample(params, classifier_params, rng):
+        del classifier_params
+        f = get_consistency_fn(apply_fn, params, levels["sigma_min"], levels["sigma_data"])
+        return consistency_sample(f, rng, shape, sigmas, levels["sigma_min"])
+
+    return sample
 
 
 def classifier_for(s: Setup) -> Optional[tuple[Callable, Any]]:
@@ -243,12 +282,14 @@ def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter,
 
 def report(s: Setup, workdir: pathlib.Path) -> dict:
     """The quick-start report: `eval_metrics`, then samples (NFE, wall time) of `REPORT_METHODS`
-    (PC, the probability-flow ODE, DPM-Solver++ on `sampling.num_steps` points) saved to
-    `samples.npz` and pictured beside the data in `samples.png`."""
+    (PC, the probability-flow ODE, DPM-Solver++ on `sampling.num_steps` points; a consistency model:
+    consistency sampling on `sampling.consistency_sigmas`) saved to `samples.npz` and pictured
+    beside the data in `samples.png`."""
     out = eval_metrics(s)
     if s.config.eval.enable_sampling:
         samples, out["samplers"] = {}, {}
-        for i, method in enumerate(REPORT_METHODS):
+        report_methods = (CONSISTENCY,) if config_lib.is_consistency(s.config) else REPORT_METHODS
+        for i, method in enumerate(report_methods):
             rng = jax.random.fold_in(stream_key(s.config, "sample"), i)
             samples[method], out["samplers"][method] = draw_samples(s, method, s.config.eval.num_samples, rng)
         save_samples(s, workdir / "samples", samples)

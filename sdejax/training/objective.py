@@ -35,9 +35,11 @@ class Objective(Protocol):
         """(scalar loss, aux dict) of `params` on `batch`, noise from `rng`."""
 
 
-def context_from_state(state: TrainState) -> Context:
-    """The context of the step about to be taken from `state` (its step and EMA parameters)."""
-    return Context(step=state.step, ema_params=state.ema_params)
+def context_from_state(state: TrainState, teacher_params: Any = None) -> Context:
+    """The context of the step about to be taken from `state` (its step, EMA and target parameters),
+    with the frozen `teacher_params` of distillation (held by the setup, not the state)."""
+    return Context(step=state.step, ema_params=state.ema_params, target_params=state.target_params,
+                   teacher_params=teacher_params)
 
 
 def from_loss(loss_fn: Callable[[Any, Array, dict], tuple[Array, dict]]) -> Objective:

@@ -1,5 +1,6 @@
-"""Train state (params, optimizer state, EMA params, step, rng — all pytrees), the optax optimizer
-from `config.optim`, and the exponential moving average of the parameters."""
+"""Train state (params, optimizer state, EMA params, step, rng, and the consistency target θ⁻ where
+the objective keeps one — all pytrees), the optax optimizer from `config.optim`, and the exponential
+moving average of the parameters."""
 from __future__ import annotations
 
 from typing import Any
@@ -18,13 +19,17 @@ OPTIMIZERS = ("Adam", "AdamW")
 @flax.struct.dataclass
 class TrainState:
     """Everything a training step reads and writes. `rng` is a raw uint32 key (orbax-friendly);
-    `params` is a Flax variables dict, of which only the "params" collection is trained."""
+    `params` is a Flax variables dict, of which only the "params" collection is trained.
+    `target_params`: the target network θ⁻ of consistency training/distillation (an EMA of `params`
+    at the objective's rate, `sdejax.training.step`), None for every other objective (it then has no
+    leaves, so such states and their checkpoints are those of before the field existed)."""
 
     step: Array
     params: Any
     opt_state: Any
     ema_params: Any
     rng: Array
+    target_params: Any = None
 
 
 def _trainable_labels(params: Any) -> Any:
@@ -80,7 +85,8 @@ def ema_update(ema: Any, params: Any, rate: Array | float) -> Any:
     return jax.tree_util.tree_map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    """Step 0, EMA initialised to the parameters."""
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: Array,
+                       with_target: bool = False) -> TrainState:
+    """Step 0, EMA (and with `with_target` the target θ⁻) initialised to the parameters."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params, rng=jnp.asarray(rng))
+                      ema_params=params, rng=jnp.asarray(rng), target_params=params if with_target else None)

@@ -1,7 +1,7 @@
 """Pure step functions: `train_step(state, batch) -> (state, metrics)`, its `lax.scan` over a
 stack of batches (several steps per dispatch), and `eval_step(params, rng, batch, context) -> loss`.
 Both call an objective `objective(params, rng, batch, context)` (`sdejax.training.objective`); the
-train step builds the context (step, EMA params) from the state it is given.
+train step builds the context (step, EMA and target params, teacher params) from the state it is given.
 
 Loops over steps and gradient-accumulation microbatches are `lax.scan`s, or with `unroll=True`
 Python loops traced into one program (the same maths): XLA:CPU runs convolution gradients ~25x
@@ -57,7 +57,7 @@ def scan(body: Callable, carry: Any, xs: Any, unroll: bool = False) -> tuple[Any
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, ema_rate: float, *,
                     ema_warmup: bool = False, grad_accum_steps: int = 1, axis_name: Optional[str] = None,
-                    unroll: bool = False):
+                    unroll: bool = False, target_rate: Optional[Callable[[Array], Array]] = None):
     """One optimizer step: grads of `objective(params, step_rng, batch, context)` with respect to
     params, the context (`context_from_state`) holding the state's step and EMA params before the
     update; optax update, EMA update (decay `ema_rate`, or with `ema_warmup` diffusers' warm-up of
@@ -67,6 +67,11 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, ema_
     the gradient of the batch mean); with `axis_name` (pmap) loss and grads are averaged over it.
     metrics = {"loss", "grad_norm"} (grad_norm before clipping) so a non-finite value can be named.
     `unroll`: accumulate over the microbatches in a Python loop instead of a scan (see `scan`).
+
+    A state with `target_params` θ⁻ (consistency training/distillation) also gets, after the optimizer
+    update, θ⁻ ← μ θ⁻ + (1 − μ) θ with μ = `target_rate(step)` of the pre-update step.
+    `train_step(state, batch, teacher_params=None)`: frozen teacher parameters (distillation) enter
+    as an argument and reach the objective through `context.teacher_params`.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1; got {grad_accum_steps}")
@@ -89,27 +94,38 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, ema_
         total, _ = scan(accumulate, zeros, _microbatches(batch, grad_accum_steps), unroll)
         return jax.tree_util.tree_map(lambda v: v / grad_accum_steps, total)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def update_target(state: TrainState, params: Any) -> Any:
+        if state.target_params is None:
+            return None
+        if target_rate is None:
+            raise ValueError("the state has target_params but make_train_step got no target_rate")
+        return ema_update(state.target_params, params, target_rate(state.step))
+
+    def train_step(state: TrainState, batch: dict, teacher_params: Any = None) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        loss, grads = loss_and_grads(state.params, step_rng, batch, context_from_state(state))
+        loss, grads = loss_and_grads(state.params, step_rng, batch, context_from_state(state, teacher_params))
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, ema_rate, ema_warmup)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=ema_update(state.ema_params, params, decay), rng=rng)
+                                  ema_params=ema_update(state.ema_params, params, decay), rng=rng,
+                                  target_params=update_target(state, params))
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return train_step
 
 
 def make_multi_step(train_step: Callable[[TrainState, dict], tuple[TrainState, dict]], unroll: bool = False):
-    """`multi_step(state, batches)`: `train_step` scanned (or with `unroll`, unrolled) over the
-    leading axis of `batches` (K steps in one dispatch); metrics come back stacked, shape (K,)."""
+    """`multi_step(state, batches, teacher_params=None)`: `train_step` scanned (or with `unroll`,
+    unrolled) over the leading axis of `batches` (K steps in one dispatch), every step given the same
+    `teacher_params`; metrics come back stacked, shape (K,)."""
 
-    def multi_step(state: TrainState, batches: dict) -> tuple[TrainState, dict]:
-        return scan(train_step, state, batches, unroll)
+    def multi_step(state: TrainState, batches: dict, teacher_params: Any = None) -> tuple[TrainState, dict]:
+        if teacher_params is None:
+            return scan(train_step, state, batches, unroll)
+        return scan(lambda st, batch: train_step(st, batch, teacher_params), state, batches, unroll)
 
     return multi_step
 

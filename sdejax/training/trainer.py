@@ -47,7 +47,9 @@ def check_finite(metrics: dict, first_step: int) -> None:
 
 def make_multi_step(s: Setup):
     """The placed `multi_step(state, batches) -> (state, metrics)` of the configured objective,
-    optimizer, EMA, gradient accumulation and unrolling."""
+    optimizer, EMA (and consistency target θ⁻, `build.target_rate`), gradient accumulation and
+    unrolling. A distillation teacher's parameters (`s.teacher_params`) are an argument of the
+    compiled program, placed once: they travel beside the (donated) state and come back unchanged."""
     config, t = s.config, s.config.training
     accum = t.get("grad_accum_steps", 1)
     parallel.check_batch_size(t.batch_size, accum, s.placement)
@@ -57,8 +59,23 @@ def make_multi_step(s: Setup):
                                           config.model.ema_rate, ema_warmup=config.model.get("ema_warmup", False),
                                           grad_accum_steps=accum,
                                           axis_name=parallel.AXIS if s.placement.mode == "pmap" else None,
-                                          unroll=unroll)
-    return s.placement.compile(step_lib.make_multi_step(train_step, unroll))
+                                          unroll=unroll, target_rate=build.target_rate(config))
+    multi_step = step_lib.make_multi_step(train_step, unroll)
+    if s.teacher_params is None:
+        return s.placement.compile(multi_step)
+
+    def with_teacher(carry, batches):
+        state, teacher_params = carry
+        state, metrics = multi_step(state, batches, teacher_params)
+        return (state, teacher_params), metrics
+
+    placed, held = s.placement.compile(with_teacher), [s.placement.replicate(s.teacher_params)]
+
+    def run(state, batches):
+        (state, held[0]), metrics = placed((state, held[0]), batches)
+        return state, metrics
+
+    return run
 
 
 class _Log:
