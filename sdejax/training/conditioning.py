@@ -46,7 +46,8 @@ def num_label_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-    """Fail before any work on guidance settings the model cannot honour."""
+    """Fail before any work on guidance settings the model cannot honour (the values' ranges are
+    `config.VALUE_RULES`, checked first by `check_config`)."""
     g, k = settings(config), num_label_classes(config)
     if g["guidance_weight"] != 0 and not config.model.get("num_classes", 0):
         raise ValueError("sampling.guidance_weight (classifier-free guidance) needs a class-conditional model "
@@ -54,9 +55,6 @@ def check(config: ml_collections.ConfigDict) -> None:
     if g["guidance_weight"] != 0 and not config.training.get("p_uncond", 0.0) > 0:
         raise ValueError("sampling.guidance_weight needs a model trained with label dropout (training.p_uncond > 0): "
                          "its null-class output is the unconditional score")
-    if g["classifier_scale"] < 0 or not 0 <= g["guidance_rescale"] <= 1:
-        raise ValueError(f"sampling.classifier_scale must be >= 0 and sampling.guidance_rescale in [0, 1]; got "
-                         f"{g['classifier_scale']} and {g['guidance_rescale']}")
     if g["classifier_scale"] > 0 and "classifier" not in config:
         raise ValueError("sampling.classifier_scale > 0 needs config.classifier (the network of --mode=train_classifier)")
     if k and not -1 <= g["class_label"] < k:
