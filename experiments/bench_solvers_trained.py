@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from configs.default_toy import get_config  # noqa: E402
 from sdejax.data import toy  # noqa: E402
+from sdejax.evaluation import metrics  # noqa: E402
 from sdejax.sampling import methods  # noqa: E402
 from sdejax.training import build, trainer  # noqa: E402
 
@@ -44,16 +45,8 @@ RUNS = {  # label: (method, options, grid points for a target NFE)
 }
 
 
-def sliced_w2(a: np.ndarray, b: np.ndarray, key=jax.random.PRNGKey(7), directions: int = 256) -> float:
-    """sqrt(mean over unit directions u of W2²(u·a, u·b)), 1-D W2 by sorted samples (equal sizes)."""
-    u = np.array(jax.random.normal(key, (directions, a.shape[1])))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    pa, pb = np.sort(a @ u.T, axis=0), np.sort(b @ u.T, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
-
-
 def errors(x: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    return abs(float(np.mean(x[:, 0] < 0)) - 0.2), sliced_w2(x, truth)
+    return abs(float(np.mean(x[:, 0] < 0)) - 0.2), metrics.sliced_wasserstein(x, truth)
 
 
 def main() -> None:
@@ -71,7 +64,7 @@ def main() -> None:
     score_fn = build.build_score_fn(config, s.sde, s.apply_fn, s.state.ema_params)
     dist = toy.get_toy_distribution(config.data.dataset, **config.data.dataset_kwargs)
     truth = np.asarray(dist.sample(jax.random.PRNGKey(11), args.n))
-    floor = sliced_w2(np.asarray(dist.sample(jax.random.PRNGKey(12), args.n)), truth)
+    floor = metrics.sliced_wasserstein(np.asarray(dist.sample(jax.random.PRNGKey(12), args.n)), truth)
     shape, key = (args.n, 2), jax.random.PRNGKey(3)
     pc, nfe_pc = methods.sample("pc", key, s.sde, score_fn, shape, predictor="reverse_diffusion", corrector="none")
     ode, nfe_ode = methods.sample("ode", key, s.sde, score_fn, shape, denoise=True)

@@ -3,6 +3,7 @@
 * FID   = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
 * KID   = unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, averaged over TF-GAN's blocks
 * IS    = exp(E_x KL(p(y|x) || p(y))), mean and std over splits
+* SW2   = sqrt(E_u W2²(u·a, u·b)) over random unit directions u (sliced 2-Wasserstein, any features)
 """
 from __future__ import annotations
 
@@ -96,6 +97,18 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
         kl = (np.exp(part) * (part - log_marginal)).sum(axis=1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def sliced_wasserstein(a: ArrayLike, b: ArrayLike, seed: int = 7, directions: int = 256) -> float:
+    """Sliced W2 of two equal-size samples (n, d): sqrt(mean over `directions` random unit u of
+    W2²(u·a, u·b)), each 1-D W2² the mean squared difference of the sorted projections."""
+    a, b = _features(a, "a"), _features(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs samples of equal shape; got a {a.shape}, b {b.shape}")
+    u = np.random.default_rng(seed).standard_normal((directions, a.shape[1]))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    pa, pb = np.sort(a @ u.T, axis=0), np.sort(b @ u.T, axis=0)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
 
 
 def _vector(value: ArrayLike, name: str) -> np.ndarray:
