@@ -20,7 +20,7 @@ import ml_collections
 
 from absl import logging
 
-from sdejax import consistency, losses, score
+from sdejax import consistency, losses, progressive, score
 from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
 from sdejax.models import convert_flax, mlp, registry
@@ -119,7 +119,7 @@ def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
                  sharding: jax.sharding.Sharding | None = None) -> Teacher:
     """The teacher of `training.teacher_workdir`: the newest intact checkpoint's EMA parameters, built
     with the config saved beside them (not this run's), which must train a score model ("dsm") on the
-    EDM schedule."""
+    EDM schedule (CD), or (progressive distillation, "pd") on this run's schedule and network."""
     workdir = pathlib.Path(config.training.teacher_workdir)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=None)
     step = ckpt.latest_step()
@@ -128,7 +128,9 @@ def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
     teacher_config = ml_collections.ConfigDict(ckpt.saved_config(step))
     if not teacher_config:
         raise ValueError(f"training.teacher_workdir: checkpoint step {step} in {workdir} carries no config")
-    if config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde.lower() != "edmsde":
+    if config_lib.objective_name(config) == "pd":
+        _check_pd_teacher(config, teacher_config, workdir)
+    elif config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde.lower() != "edmsde":
         raise ValueError(f"training.teacher_workdir must hold a score model trained with training.objective = "
                          f"'dsm' and training.sde = 'edmsde' (sigma = t); {workdir} has objective "
                          f"{config_lib.objective_name(teacher_config)!r}, sde {teacher_config.training.sde!r}")
@@ -139,6 +141,35 @@ def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
     ckpt.close()
     logging.info("teacher: EMA parameters of step %d in %s", step, workdir)
     return Teacher(teacher_config, build_sde(teacher_config), apply_fn, restored.ema_params, step)
+
+
+_EMA_KEYS = ("ema_rate", "ema_warmup")
+
+
+def _check_pd_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict,
+                      workdir: pathlib.Path) -> None:
+    """PD's student is the teacher's network read the same way: a DSM teacher with this run's
+    `training.sde` and `config.model` (EMA settings aside)."""
+    model = lambda c: {k: v for k, v in c.model.to_dict().items() if k not in _EMA_KEYS}  # noqa: E731
+    if config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde != config.training.sde \
+            or model(teacher_config) != model(config):
+        raise ValueError(f"training.objective = 'pd': training.teacher_workdir must hold a DSM model with this run's "
+                         f"training.sde and config.model (EMA keys aside); {workdir} has objective "
+                         f"{config_lib.objective_name(teacher_config)!r}, sde {teacher_config.training.sde!r}, "
+                         f"model {model(teacher_config)} vs {model(config)}")
+
+
+def pd_schedule(config: ml_collections.ConfigDict) -> dict:
+    """(steps_per_stage K, teacher_steps N₀) of progressive distillation."""
+    t = config.training
+    return dict(steps_per_stage=int(t.pd_steps_per_stage), teacher_steps=int(t.pd_teacher_steps))
+
+
+def pd_sampling_steps(config: ml_collections.ConfigDict, step: int) -> int:
+    """DDIM steps of θ⁻ after `step` optimizer steps: N₀/2^min(⌊step/K⌋, log₂ N₀) (the student of the
+    last completed stage; N₀ before the first ends, when θ⁻ is the DSM teacher)."""
+    k = pd_schedule(config)
+    return k["teacher_steps"] >> min(step // k["steps_per_stage"], progressive.num_stages(k["teacher_steps"]))
 
 
 def consistency_levels(config: ml_collections.ConfigDict) -> dict:
@@ -159,7 +190,8 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
     `training.objective` = "dsm" (default) the library loss of `build_loss_fn`, which needs no context
     (`objective.from_loss`); "ct", "ict", "cd" the consistency objectives of `sdejax.consistency` on
     the EDM levels of `config.model` (CT/iCT schedules over `ct_total_steps`; CD with `teacher`,
-    `training.cd_solver` and `training.num_scales`)."""
+    `training.cd_solver` and `training.num_scales`); "pd" progressive distillation (`sdejax.progressive`,
+    the teacher θ⁻ = `context.target_params`, N(step) of `pd_schedule`, last time `sampling.eps`)."""
     name = config_lib.objective_name(config)
     if name == "dsm":
         return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
@@ -173,17 +205,24 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
             raise ValueError("training.objective = 'cd' needs the teacher (`load_teacher`)")
         return consistency.cd_objective(apply_fn, teacher.score_fn, num_scales=t.get("num_scales", 18),
                                         solver=t.get("cd_solver", "heun"), **levels)
+    if name == "pd":
+        n_fn = lambda step, k=pd_schedule(config): progressive.pd_num_steps(step, **k)  # noqa: E731
+        return progressive.pd_objective(apply_fn, sde, build_precond(config, sde), n_fn,
+                                        eps=config.sampling.get("eps", None), train=train)
     raise config_lib.VALUE_RULES["training.objective"].error("training.objective", name)
 
 
 def target_rate(config: ml_collections.ConfigDict) -> Callable[[Array], Array] | None:
     """μ(step) of the target θ⁻ ← μ θ⁻ + (1 − μ) θ: CT's `ct_ema_rate(step, K)`, CD's constant
-    `training.target_ema` (default 0.95); None for objectives without a target (dsm; iCT: θ⁻ = sg(θ))."""
+    `training.target_ema` (default 0.95), PD's `pd_target_rate` (θ⁻ ← θ after each stage's last step,
+    else frozen); None for objectives without a target (dsm; iCT: θ⁻ = sg(θ))."""
     name = config_lib.objective_name(config)
     if name == "ct":
         return lambda step, k=ct_total_steps(config): consistency.ct_ema_rate(step, k)
     if name == "cd":
         return lambda step, mu=float(config.training.get("target_ema", 0.95)): jnp.asarray(mu, jnp.float32)
+    if name == "pd":
+        return lambda step, k=pd_schedule(config)["steps_per_stage"]: progressive.pd_target_rate(step, k)
     return None
 
 
@@ -194,10 +233,14 @@ def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn
     return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde), y=y)
 
 
-def sampler_options(config: ml_collections.ConfigDict) -> dict:
+def sampler_options(config: ml_collections.ConfigDict, step: int = 0) -> dict:
     """`config.sampling` as `sdejax.sampling.methods.from_config` reads it: without the guidance keys
-    and the consistency sampler's `consistency_sigmas`."""
-    return {k: v for k, v in conditioning.method_options(config.sampling).items() if k != "consistency_sigmas"}
+    and the consistency sampler's `consistency_sigmas`; a PD run's sampler is DDIM on the
+    `pd_sampling_steps(config, step)` + 1 grid points."""
+    options = {k: v for k, v in conditioning.method_options(config.sampling).items() if k != "consistency_sigmas"}
+    if config_lib.objective_name(config) == "pd":
+        options.update(method="ddim", num_steps=pd_sampling_steps(config, step) + 1)
+    return options
 
 
 @dataclasses.dataclass
@@ -248,9 +291,11 @@ def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx,
     """Step 0 from fresh `variables`, or from a score_sde Flax checkpoint (`model.flax_checkpoint`):
     its training params, and its EMA. Objectives with a target θ⁻ (`target_rate`) start it at θ; CD
     starts θ (= θ⁻ = EMA) from the teacher's parameters when the networks have the same shapes (the
-    consistency models paper's initialisation)."""
+    consistency models paper's initialisation); PD's student and θ⁻ always do (same network)."""
     path, with_target = config.model.get("flax_checkpoint", ""), target_rate(config) is not None
     if not path:
+        if config_lib.objective_name(config) == "pd" and not _same_shapes(teacher.params, variables):
+            raise ValueError("training.objective = 'pd': the teacher's parameters do not fit this run's network")
         if teacher is not None and _same_shapes(teacher.params, variables):
             logging.info("consistency distillation: the student starts from the teacher's parameters")
             variables = jax.device_get(teacher.params)  # host copies: the step donates the state, not the teacher
@@ -272,8 +317,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
     check_classes(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
-    teacher = None
-    if config_lib.objective_name(config) == "cd":
+    teacher, name = None, config_lib.objective_name(config)
+    if name in ("cd", "pd"):  # PD's teacher starts θ and θ⁻ (its later teachers live in the state)
         teacher = load_teacher(config, jnp.asarray(data.heldout["x"]), placement.state_sharding())
     build_objective(config, sde, apply_fn, True, teacher)  # the objective's and the sampler's settings fail
     methods.from_config(sampler_options(config))  # here, before any work
@@ -289,4 +334,4 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
         state, data_state = restored
         data.set_state(data_state)
     return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement, workdir=pathlib.Path(workdir),
-                 teacher=teacher)
+                 teacher=teacher if name == "cd" else None)

@@ -48,11 +48,13 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # objective: "dsm" (default) or a consistency objective "ct" / "ict" / "cd" (sdejax.consistency;
     # EDM SDE only); ct_total_steps: K of the CT/iCT schedules N(k), μ(k) (default: n_iters);
     # teacher_workdir/cd_solver/num_scales/target_ema: CD's teacher run, its PF-ODE step, the levels N
-    # and the constant EMA rate of the target θ⁻ (`check_objective`).
+    # and the constant EMA rate of the target θ⁻ (`check_objective`); "pd" progressive distillation
+    # (sdejax.progressive) of the teacher_workdir's DSM model: pd_teacher_steps N₀ (a power of two) and
+    # pd_steps_per_stage K (the student of stage s has N₀/2^(s+1) DDIM steps).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps", "p_uncond", "objective", "ct_total_steps", "teacher_workdir", "cd_solver", "num_scales",
-                 "target_ema"},
+                 "target_ema", "pd_teacher_steps", "pd_steps_per_stage"},
     # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), the class
     # labels and guidance of sdejax.training.conditioning, and a consistency model's σ list
     # (consistency_sigmas, descending; default (model.sigma_max,): one step).
@@ -93,13 +95,14 @@ SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "s
 NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
                                            **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
-OBJECTIVES = ("dsm", "ct", "ict", "cd")
+OBJECTIVES = ("dsm", "ct", "ict", "cd", "pd")
 CONSISTENCY_OBJECTIVES = ("ct", "ict", "cd")
 CD_SOLVERS = ("heun", "euler")
 # keys read only by some objectives (an unread setting fails fast)
-OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_workdir": ("cd",),
+OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_workdir": ("cd", "pd"),
                   "training.cd_solver": ("cd",), "training.num_scales": ("cd",), "training.target_ema": ("cd",),
-                  "sampling.consistency_sigmas": CONSISTENCY_OBJECTIVES}
+                  "sampling.consistency_sigmas": CONSISTENCY_OBJECTIVES, "training.pd_teacher_steps": ("pd",),
+                  "training.pd_steps_per_stage": ("pd",)}
 OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
 
@@ -171,6 +174,9 @@ VALUE_RULES: dict[str, Rule] = {
     "training.cd_solver": one_of(CD_SOLVERS),
     "training.num_scales": at_least(2, "levels incl. sigma_min and sigma_max"),
     "training.target_ema": interval(0.0, 1.0, "[)"),
+    "training.pd_teacher_steps": Rule("a power of two >= 2 (the first teacher's DDIM steps N₀)",
+                                      lambda v: _is_int(v) and v >= 2 and not v & (v - 1)),
+    "training.pd_steps_per_stage": at_least(1, "optimizer steps per halving"),
     "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
     "sampling.guidance_weight": interval(-math.inf, math.inf, "()"),
     "sampling.guidance_rescale": interval(0.0, 1.0, "[]"),
@@ -265,6 +271,8 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
         if _lookup(config, key)[0] and name not in readers:
             raise ValueError(f"{key} is read by training.objective in {list(readers)} only; "
                              f"training.objective = {name!r}")
+    if name == "pd":
+        _check_pd(config)
     if name not in CONSISTENCY_OBJECTIVES:
         return
     if config.training.sde.lower() != "edmsde":
@@ -280,6 +288,23 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"eval.enable_bpd: a consistency model (training.objective = {name!r}) has no score "
                          "function, so no probability-flow ODE likelihood; set eval.enable_bpd = False")
     _check_sigmas(config)
+
+
+def _check_pd(config: ml_collections.ConfigDict) -> None:
+    """Progressive distillation needs the teacher, N₀ and K; at most log₂ N₀ stages of K steps, each
+    ending on a retained snapshot (`training.snapshot_freq` divides K)."""
+    t = config.training
+    for key in ("teacher_workdir", "pd_teacher_steps", "pd_steps_per_stage"):
+        if key not in t:
+            raise ValueError(f"training.objective = 'pd' needs training.{key} (teacher_workdir: the workdir of a "
+                             "trained sdejax DSM model; pd_teacher_steps N₀; pd_steps_per_stage K)")
+    stages = t.pd_teacher_steps.bit_length() - 1
+    if t.n_iters > stages * t.pd_steps_per_stage:
+        raise ValueError(f"training.n_iters = {t.n_iters} exceeds log2(pd_teacher_steps) * pd_steps_per_stage = "
+                         f"{stages} * {t.pd_steps_per_stage}: the last stage distils to one step")
+    if t.snapshot_freq <= 0 or t.pd_steps_per_stage % t.snapshot_freq:
+        raise ValueError(f"training.snapshot_freq = {t.snapshot_freq} must divide training.pd_steps_per_stage = "
+                         f"{t.pd_steps_per_stage} so that every stage ends on a retained checkpoint")
 
 
 def nothing_to_train(step: int, n_iters: int) -> str | None:

@@ -81,14 +81,20 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
     """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` (any name in
     `sdejax.sampling.methods.METHODS`, with the options config.sampling gives it), compiled once,
     and the compile time. A consistency model (`config.is_consistency`) is sampled by multistep
-    consistency sampling on `consistency_sigmas` instead, whatever `method`.
+    consistency sampling on `consistency_sigmas` instead, whatever `method`; a progressively distilled
+    one (`training.objective = "pd"`) by DDIM with θ⁻ (the student of the last completed stage) on its
+    step count (`build.pd_sampling_steps`).
 
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
     devices only (each process may call it with its own rng, any number of times)."""
     shape = (n,) + tuple(np.shape(s.data.heldout["x"])[1:])
+    pd = config_lib.objective_name(s.config) == "pd"
     if config_lib.is_consistency(s.config):
         sample, method, classifier = _consistency_sampler(s.config, s.apply_fn, shape), CONSISTENCY, None
+    elif pd:
+        method = f"ddim{build.sampler_options(s.config, int(s.state.step))['num_steps'] - 1}"
+        sample, classifier = _score_sampler(s, "ddim", n, shape), classifier_for(s)
     else:
         sample, classifier = _score_sampler(s, method, n, shape), classifier_for(s)
 
@@ -97,7 +103,7 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
         put = lambda tree: jax.device_put(jax.tree_util.tree_map(_local_copy, tree), NamedSharding(mesh, P()))  # noqa: E731
     else:
         mesh, put = s.placement.mesh, s.placement.on_mesh
-    params = put(s.state.ema_params)
+    params = put(s.state.target_params if pd else s.state.ema_params)
     classifier_params = None if classifier is None else put(classifier[1])
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
     compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
@@ -107,7 +113,7 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
 
 def _score_sampler(s: Setup, method: str, n: int, shape: tuple[int, ...]) -> Callable:
     """`sample(params, classifier_params, rng) -> (x, nfe)` by a score-based `method`."""
-    draw = methods.from_config({**build.sampler_options(s.config), "method": method})
+    draw = methods.from_config({**build.sampler_options(s.config, int(s.state.step)), "method": method})
     y = conditioning.sample_labels(s.config, n)
     classifier = classifier_for(s)
 
@@ -288,7 +294,8 @@ def report(s: Setup, workdir: pathlib.Path) -> dict:
     out = eval_metrics(s)
     if s.config.eval.enable_sampling:
         samples, out["samplers"] = {}, {}
-        report_methods = (CONSISTENCY,) if config_lib.is_consistency(s.config) else REPORT_METHODS
+        report_methods = (CONSISTENCY,) if config_lib.is_consistency(s.config) else \
+            ("ddim",) if config_lib.objective_name(s.config) == "pd" else REPORT_METHODS
         for i, method in enumerate(report_methods):
             rng = jax.random.fold_in(stream_key(s.config, "sample"), i)
             samples[method], out["samplers"][method] = draw_samples(s, method, s.config.eval.num_samples, rng)
