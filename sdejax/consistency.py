@@ -23,6 +23,12 @@ p(n) ∝ erf((ln σ_{n+1} − P_mean)/(√2 P_std)) − erf((ln σ_n − P_mean)
 Schedules of the step k out of K: CT's N(k) = ⌈sqrt(k/K((s₁+1)² − s₀²) + s₀²) − 1⌉ + 1 (s₀ = 2,
 s₁ = 150) and μ(k) = exp(s₀ ln μ₀ / N(k)) (the paper; the reference code divides by N(k) − 1);
 iCT's N(k) = min(s₀ 2^⌊k/K'⌋, s₁) + 1, K' = ⌊K/(log₂⌊s₁/s₀⌋ + 1)⌋ (s₀ = 10, s₁ = 1280).
+
+Guided CD (latent consistency models, Luo et al. 2023): each example draws w ~ U[w_min, w_max]; the
+teacher step uses the CFG score s̃ = s(x, σ | y) + w(s(x, σ | y) − s(x, σ)) (`sdejax.guidance.cfg`'s
+convention), and student and target are conditioned on (y, w): f_θ(x, σ; y, w). Skipping step k:
+levels n and n + k (n ∈ {0 … N−1−k}), the teacher crossing k Karras levels in one solver step.
+Plain CD is the case w = 0, k = 1 without conditioning.
 """
 from __future__ import annotations
 
@@ -60,15 +66,17 @@ class ConsistencyFn:
     precond: Precond
     train: bool = False
 
-    def __call__(self, params: Any, rng: Array | None, x: Array, sigma: Array) -> Array:
-        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng)
+    def __call__(self, params: Any, rng: Array | None, x: Array, sigma: Array, **cond: Array) -> Array:
+        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng, **cond)
         return self.precond.apply(net, EDMSDE(), x, sigma)[0]
 
 
 def get_consistency_fn(apply_fn: ApplyFn, params: Any, sigma_min: float = 0.002, sigma_data: float = 0.5,
-                       train: bool = False, rng: Array | None = None) -> Partial:
-    """`f(x, sigma)` (sigma of shape (batch,)) of the network with params `params`."""
-    return Partial(ConsistencyFn(apply_fn, Precond.consistency(sigma_data, sigma_min), bool(train)), params, rng)
+                       train: bool = False, rng: Array | None = None, **cond: Array) -> Partial:
+    """`f(x, sigma)` (sigma of shape (batch,)) of the network with params `params`; `cond` (e.g. y=
+    classes, w= guidance weights, each (batch,)) rides in the Partial and reaches `apply_fn`."""
+    return Partial(ConsistencyFn(apply_fn, Precond.consistency(sigma_data, sigma_min), bool(train)), params, rng,
+                   **cond)
 
 
 # Levels and their sampling -----------------------------------------------------------------------
@@ -93,13 +101,13 @@ def lognormal_level_probs(n: int, sigma_min: float = 0.002, sigma_max: float = 8
 
 
 def sample_levels(u: Array, n: Array, how: str = "uniform", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                  rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0) -> Array:
-    """Level indices in {0 … N−2} from u ~ U[0, 1): ⌊u(N−1)⌋ ("uniform"), or ("lognormal") the level
-    interval [σ_n, σ_{n+1}) holding σ* = exp(P_mean + P_std Φ⁻¹(v)), v uniform on [Φ(σ_min), Φ(σ_max)),
-    which has probability `lognormal_level_probs`. `n` may be traced."""
+                  rho: float = 7.0, p_mean: float = -1.1, p_std: float = 2.0, skip: int = 1) -> Array:
+    """Level indices in {0 … N−1−k} (k = `skip`) from u ~ U[0, 1): ⌊u(N−k)⌋ ("uniform"), or ("lognormal")
+    the level interval [σ_n, σ_{n+1}) holding σ* = exp(P_mean + P_std Φ⁻¹(v)), v uniform on [Φ(σ_min),
+    Φ(σ_max)), which has probability `lognormal_level_probs` (for k > 1 clipped to N−1−k). `n` may be traced."""
     nf = jnp.asarray(n, u.dtype)
     if how == "uniform":
-        pos = u * (nf - 1)
+        pos = u * (nf - skip)
     elif how == "lognormal":
         c_lo, c_hi = (_lognormal_cdf(jnp.asarray(s, u.dtype), p_mean, p_std) for s in (sigma_min, sigma_max))
         star = jnp.exp(p_mean + p_std * ndtri(c_lo + u * (c_hi - c_lo)))
@@ -107,7 +115,7 @@ def sample_levels(u: Array, n: Array, how: str = "uniform", sigma_min: float = 0
         pos = (jnp.clip(star, sigma_min, sigma_max) ** (1 / rho) - lo) / (hi - lo) * (nf - 1)
     else:
         raise ValueError(f"unknown level sampling {how!r}; valid: {list(LEVEL_SAMPLINGS)}")
-    return jnp.clip(jnp.floor(pos), 0, nf - 2).astype(jnp.int32)
+    return jnp.clip(jnp.floor(pos), 0, nf - 1 - skip).astype(jnp.int32)
 
 
 # Schedules of the step k --------------------------------------------------------------------------
@@ -183,15 +191,39 @@ def _target_params(params: Any, context: Any, target: str) -> Any:
     return context.target_params
 
 
+def _guidance_weights(keys: Array, guidance: tuple[float, float], dtype: Any) -> Array:
+    """w ~ U[w_min, w_max] per example from fold_in(key, 2) of its level key (w_min exactly when equal)."""
+    w_min, w_max = guidance
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2), (), dtype))(keys)
+    return w_min + (w_max - w_min) * u
+
+
+def _guided_score(score_fn: Callable[..., Array], y: Array, w: Array, x: Array, sigma: Array) -> Array:
+    """s̃ = s_c + w(s_c − s_u), s_c = score_fn(x, σ, y=y), s_u = score_fn(x, σ, y=None), w per example."""
+    s_c = score_fn(x, sigma, y=y)
+    return s_c + batch_broadcast(w, x) * (s_c - score_fn(x, sigma, y=None))
+
+
+def _check_guidance(guidance: tuple[float, float] | None, teacher: Any, skip: int, num_scales: Any) -> None:
+    if guidance is not None and (teacher is None or len(guidance) != 2 or guidance[0] > guidance[1]):
+        raise ValueError(f"guidance must be (w_min, w_max) with w_min <= w_max and needs a teacher; got {guidance!r}")
+    if isinstance(skip, bool) or int(skip) != skip or skip < 1 or (not callable(num_scales) and skip > num_scales - 1):
+        raise ValueError(f"skip must be an integer in [1, num_scales - 1]; got {skip!r}")
+
+
 def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array], Array], *,
                           teacher: Callable[[Any], ScoreFn] | None = None, solver: str | Solver = "heun",
                           target: str = "ema", distance_kind: str = "l2", huber_c: float | None = None,
                           weighting: str = "uniform", level_sampling: str = "uniform", sigma_min: float = 0.002,
                           sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0,
-                          p_mean: float = -1.1, p_std: float = 2.0, train: bool = True) -> Callable:
+                          p_mean: float = -1.1, p_std: float = 2.0, train: bool = True,
+                          guidance: tuple[float, float] | None = None, skip: int = 1) -> Callable:
     """`objective(params, rng, batch, context) -> (loss, aux)` of the module docstring: CD with a
     `teacher(context.teacher_params) -> score_fn(x, σ)`, CT without one. `num_scales` is N or N(step).
-    aux: per-example weighted "losses", the student's "sigma" σ_{n+1}, "sigma_target" σ_n, "num_scales"."""
+    `guidance=(w_min, w_max)`: guided CD on `batch["y"]`, the teacher's score_fn(x, σ, y=) class-
+    conditional (y=None: unconditional), `apply_fn` called with y= and w=. `skip` = k (levels n, n + k).
+    aux: per-example weighted "losses", the student's "sigma" σ_{n+k}, "sigma_target" σ_n, "num_scales"
+    (and "w" when guided)."""
     for name, value, valid in (("target", target, TARGETS), ("distance", distance_kind, DISTANCES),
                                ("weighting", weighting, WEIGHTINGS), ("level sampling", level_sampling,
                                                                       LEVEL_SAMPLINGS)):
@@ -199,6 +231,7 @@ def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array],
     if isinstance(solver, str):
         _check_choice("solver", solver, tuple(SOLVERS))
         solver = SOLVERS[solver]
+    _check_guidance(guidance, teacher, skip, num_scales)
     if not callable(num_scales) and (isinstance(num_scales, bool) or int(num_scales) != num_scales or num_scales < 2):
         raise ValueError(f"num_scales must be an integer >= 2 (levels incl. sigma_min and sigma_max) or a function "
                          f"of the step; got {num_scales!r}")
@@ -211,20 +244,28 @@ def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array],
         u_keys, z_keys, net_rng = _example_keys(rng, batch)
         n = n_fn(context.step)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), x0.dtype))(u_keys)
-        idx = sample_levels(u, n, level_sampling, p_mean=p_mean, p_std=p_std, **levels)
-        s_lo, s_hi = (karras_sigma(i, n, dtype=x0.dtype, **levels) for i in (idx, idx + 1))
+        idx = sample_levels(u, n, level_sampling, p_mean=p_mean, p_std=p_std, skip=skip, **levels)
+        s_lo, s_hi = (karras_sigma(i, n, dtype=x0.dtype, **levels) for i in (idx, idx + skip))
         z = _per_example_normal(z_keys, x0)
         x_hi = x0 + batch_broadcast(s_hi, x0) * z
+        cond, aux = {}, {}
+        if guidance is not None:
+            if "y" not in batch:
+                raise ValueError(f"guided CD needs the classes batch['y']; got keys {sorted(batch)}")
+            cond = {"y": batch["y"], "w": _guidance_weights(u_keys, guidance, x0.dtype)}
+            aux = {"w": cond["w"]}
         if teacher is None:
             x_lo = x0 + batch_broadcast(s_lo, x0) * z
         else:
-            x_lo = solver(teacher(context.teacher_params), x_hi, s_hi, s_lo)
+            score = teacher(context.teacher_params)
+            score = score if guidance is None else Partial(_guided_score, score, cond["y"], cond["w"])
+            x_lo = solver(score, x_hi, s_hi, s_lo)
         theta_minus = _target_params(params, context, target)
-        student = f(params, net_rng, x_hi, s_hi)
-        target_out = jax.lax.stop_gradient(f(theta_minus, net_rng, jax.lax.stop_gradient(x_lo), s_lo))
+        student = f(params, net_rng, x_hi, s_hi, **cond)
+        target_out = jax.lax.stop_gradient(f(theta_minus, net_rng, jax.lax.stop_gradient(x_lo), s_lo, **cond))
         weight = 1.0 / (s_hi - s_lo) if weighting == "inverse_step" else jnp.ones_like(s_hi)
         losses = weight * distance(student, target_out, distance_kind, huber_c)
-        return jnp.mean(losses), {"losses": losses, "sigma": s_hi, "sigma_target": s_lo, "num_scales": n}
+        return jnp.mean(losses), {"losses": losses, "sigma": s_hi, "sigma_target": s_lo, "num_scales": n, **aux}
 
     return objective
 
@@ -234,6 +275,14 @@ def cd_objective(apply_fn: ApplyFn, teacher: Callable[[Any], ScoreFn], num_scale
     """Consistency distillation (CM paper: N = 18, Heun, θ⁻ the EMA of θ)."""
     return consistency_objective(apply_fn, num_scales, teacher=teacher, solver=solver, target=target,
                                  distance_kind=distance_kind, **kwargs)
+
+
+def guided_cd_objective(apply_fn: ApplyFn, teacher: Callable[[Any], Callable[..., Array]],
+                        w_range: tuple[float, float] = (2.0, 14.0), skip: int = 1, num_scales: int = 18,
+                        solver: str | Solver = "heun", **kwargs) -> Callable:
+    """Guided CD (LCM: w ~ U[w_min, w_max], skipping step k; `consistency_objective` with `guidance`).
+    LCM's ε̃ = (1 + ω)ε_c − ω ε_u is this w (default: its range [2, 14])."""
+    return cd_objective(apply_fn, teacher, num_scales, solver, guidance=tuple(w_range), skip=skip, **kwargs)
 
 
 def ct_objective(apply_fn: ApplyFn, total_steps: int, s0: int = 2, s1: int = 150, distance_kind: str = "l2",
@@ -253,5 +302,5 @@ def ict_objective(apply_fn: ApplyFn, total_steps: int, s0: int = 10, s1: int = 1
 
 __all__ = ["ConsistencyFn", "DISTANCES", "LEVEL_SAMPLINGS", "SOLVERS", "TARGETS", "WEIGHTINGS", "cd_objective",
            "consistency_objective", "ct_ema_rate", "ct_num_scales", "ct_objective", "distance", "euler_step",
-           "get_consistency_fn", "heun_step", "ict_num_scales", "ict_objective", "karras_sigma",
+           "get_consistency_fn", "guided_cd_objective", "heun_step", "ict_num_scales", "ict_objective", "karras_sigma",
            "lognormal_level_probs", "sample_levels"]
