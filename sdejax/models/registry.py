@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sdejax.models import dit
 from sdejax.models.ddpm import DDPM
 from sdejax.models.ncsnpp import NCSNpp
 from sdejax.models.ncsnv2 import NCSN, NCSNv2
@@ -80,6 +81,18 @@ def _ncsn(config: ml_collections.ConfigDict) -> nn.Module:
     return NCSN(**_common(config), nf=config.model.nf, normalization=config.model.normalization)
 
 
+def _dit(config: ml_collections.ConfigDict) -> nn.Module:
+    """DiT of `config.model` (`dit.CONFIG_KEYS`): size S/B/L/XL, patch_size 2/4/8."""
+    m, d = config.model, config.data
+    dtype_name = m.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise ValueError(f"model.dtype = {dtype_name!r} is not valid; choose from {sorted(DTYPES)}")
+    return dit.DiT(image_size=d.image_size, num_channels=d.num_channels, size=m.get("size", "S"),
+                   patch_size=m.get("patch_size", 2), mlp_ratio=float(m.get("mlp_ratio", 4.0)),
+                   learn_sigma=m.get("learn_sigma", False), num_classes=m.get("num_classes", 0),
+                   dtype=DTYPES[dtype_name])
+
+
 @dataclasses.dataclass(frozen=True)
 class Network:
     """A network builder `build(config) -> module` and the `config.model` keys it reads (besides
@@ -100,6 +113,7 @@ MODELS: dict[str, Network] = {
     "ncsnv2_64": Network(_ncsnv2(64), _NCSNV2_KEYS),
     "ncsnv2_128": Network(_ncsnv2(128), _NCSNV2_KEYS),
     "ncsnv2_256": Network(_ncsnv2(256), _NCSNV2_KEYS),
+    "dit": Network(_dit, dit.CONFIG_KEYS),
 }
 
 
