@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import threadpoolctl
 
-from inception_helper import regenerate_state_dict
+from inception_helper import fixture_variables, regenerate_state_dict
 from sdejax.data import datasets, digits
 from sdejax.data.pipeline import Pipeline
 from sdejax.evaluation import inception, inception_weights, metrics, workflow
@@ -37,7 +37,7 @@ def weights(fixtures_dir, tmp_path_factory):
     inception_weights.save_state_dict(state, root / "synthetic.npz")
     inception_weights.save_state_dict({**state, "fc.bias": state["fc.bias"] + 1}, root / "other.npz")
     return {"path": root / "synthetic.npz", "other": root / "other.npz",
-            "variables": inception.from_torch_state_dict(state)}
+            "variables": fixture_variables(fixtures_dir / "inception_fid" / "params_spec.json")}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inception_helper import regenerate_state_dict
+from inception_helper import fixture_variables, regenerate_state_dict
 from sdejax.evaluation import inception, inception_weights
 
 PROBED = ("Conv2d_1a_3x3", "block0_maxpool1", "Mixed_5b", "Mixed_6e", "Mixed_7c")
@@ -32,8 +32,8 @@ def state_dict(fixture):
 
 
 @pytest.fixture(scope="module")
-def variables(state_dict):
-    return inception.from_torch_state_dict(state_dict)
+def variables(fixture):
+    return fixture_variables(fixture / "params_spec.json")
 
 
 @pytest.fixture(scope="module")

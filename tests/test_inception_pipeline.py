@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from inception_helper import regenerate_state_dict
+from inception_helper import fixture_variables
 from sdejax.evaluation import evaluate, inception, stats, stats_file
 
 BATCH = 4
@@ -11,7 +11,7 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def variables(fixtures_dir):
-    return inception.from_torch_state_dict(regenerate_state_dict(fixtures_dir / "inception_fid" / "params_spec.json"))
+    return fixture_variables(fixtures_dir / "inception_fid" / "params_spec.json")
 
 
 @pytest.fixture(scope="module")
