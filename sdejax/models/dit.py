@@ -105,7 +105,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT-{S,B,L,XL}/p; `__call__(x, labels, y=None, train=False)` → (B, H, W, C or 2C)."""
+    """DiT-{S,B,L,XL}/p; `__call__(x, labels, y=None, train=False)` → (B, H, W, C or 2C). `shape` =
+    (depth, hidden_size, num_heads) overrides the named size (tiny models for tests)."""
 
     image_size: int
     num_channels: int
@@ -115,17 +116,18 @@ class DiT(nn.Module):
     learn_sigma: bool = False
     num_classes: int = 0
     dtype: Any = jnp.float32
+    shape: Optional[tuple[int, int, int]] = None
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
-        if self.size not in SIZES:
+        if self.shape is None and self.size not in SIZES:
             raise ValueError(f"DiT size {self.size!r} is not valid; choose from {sorted(SIZES)}")
         expected = (self.image_size, self.image_size, self.num_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"x must be NHWC of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {x.shape}")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
-        depth, hidden, heads = SIZES[self.size]
+        depth, hidden, heads = self.shape or SIZES[self.size]
         p, grid = self.patch_size, self.image_size // self.patch_size
         xavier = nn.initializers.xavier_uniform()
         h = nn.Dense(hidden, dtype=self.dtype, kernel_init=xavier, name="patch_embed")(patchify(x, p))
