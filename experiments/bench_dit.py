@@ -36,7 +36,7 @@ def main() -> None:
     text = ("# DiT forward cost (32×32×4 latent, batch 1)\n\nXLA cost analysis of the lowered forward pass "
             f"(jax {jax.__version__}, CPU backend, nothing executed; 2 shared CPU cores). XLA counts a "
             "multiply-add as 2 flops, the paper (Peebles & Xie, Table 4) as 1. GPU throughput: not measured, "
-            "no accelerator this session.\n\n" + "\n".join(rows) + "\n\nThe 0.2–0.7 % excess over the paper is the "
+            "no accelerator this session.\n\n" + "\n".join(rows) + "\n\nThe 0.2–0.7 % excess over the paper is presumably the "
             "elementwise work (LayerNorm, softmax, GELU, modulation) XLA also counts.\n")
     out = pathlib.Path(__file__).parent / "results" / "bench_dit.md"
     out.write_text(text)
