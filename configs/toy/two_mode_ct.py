@@ -7,7 +7,7 @@ c_in(σ) x and ¼ ln σ (sinusoidally embedded); samples are drawn in one or a f
 Status (2026-12-02, 24000 steps, ~250 s on 2 shared CPU cores, `experiments/toy_consistency.py`):
 the samples are the mixture: weight error |P(x₁<0) − 0.2| = 0.008 ± 0.003 in 1 step, 0.006 ± 0.003 in
 2 steps (sliced W2 0.93 / 0.65; floor of two true samples 0.39; the 35-NFE EDM teacher 0.015, 0.84).
-What made it work: σ_data = 5, the data's scale (with CIFAR's 0.5, c_skip(σ) ≈ 0 already at σ ≈ 1 and
+What made it work: σ_data = 5, the data's scale (with CIFAR's 0.5, c_skip(1) = 0.2 already and
 the 8000-step run collapsed toward the origin, weight 0.64), and 24000 steps instead of 8000
 (with σ_data = 5 at 8000 steps the weight error is still 0.11, + mode mean ≈ (3.1, 3.0)).
 """
