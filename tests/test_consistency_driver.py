@@ -35,7 +35,7 @@ def assert_trees_equal(a, b):
 
 # Config ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
-    ({"training.objective": "flow"}, "unknown training.objective 'flow'; valid: ['dsm', 'ct', 'ict', 'cd']"),
+    ({"training.objective": "flow"}, "unknown training.objective 'flow'; valid: ['dsm', 'ct', 'ict', 'cd', 'pd']"),
     ({**EDM, "training.objective": "cd"}, "needs training.teacher_workdir"),
     ({"training.objective": "ct"}, "set training.sde = 'edmsde'; got 'vpsde'"),
     ({**EDM, "training.objective": "ict", "eval.enable_bpd": True}, "set eval.enable_bpd = False"),

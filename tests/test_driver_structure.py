@@ -153,7 +153,8 @@ def test_context_from_state_and_adapter():
 NETWORK_CONFIGS = {"mlp": ("default_toy.py", None), "ncsnpp": ("tiny/ncsnpp_ve.py", None),
                    "ddpm": ("tiny/ddpm_vp.py", None), "ncsn": ("tiny/ncsn_ve.py", None),
                    "ncsnv2_64": ("tiny/ncsnv2_ve.py", "ncsnv2_64"), "ncsnv2_128": ("tiny/ncsnv2_ve.py", "ncsnv2_128"),
-                   "ncsnv2_256": ("tiny/ncsnv2_ve.py", "ncsnv2_256")}
+                   "ncsnv2_256": ("tiny/ncsnv2_ve.py", "ncsnv2_256"),
+                   "dit": ("dit/cifar10_dit.py", None)}
 
 
 def _network_config(name):
