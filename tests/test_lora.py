@@ -220,7 +220,7 @@ def ncsnpp():
     # N(0, 1/fan_in) weights, so the base output and every layer's effect on it are O(1).
     kernels = lora.kernel_paths(params)
     trained = lambda path, v: (jax.random.normal(jax.random.key(v.size), v.shape) / math.sqrt(v.size / v.shape[-1])
-                               if "/".join(k.key for k in path) in kernels and float(jnp.max(jnp.abs(v))) < 1e-6 else v)
+                               if "/".join(k.key for k in path) in kernels and float(jnp.max(jnp.abs(v))) < 1e-3 else v)
     return model, jax.tree_util.tree_map_with_path(trained, params), x, labels
 
 
