@@ -24,7 +24,6 @@ stage s = ⌊k/K⌋ of the step k, K steps per stage; the student has N(k) = N�
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -33,29 +32,13 @@ import jax.numpy as jnp
 from sdejax.losses import _check_batch, _example_keys, _per_example_normal
 from sdejax.precond import Precond
 from sdejax.sampling.ddim import ddim_step
-from sdejax.score import convert
+from sdejax.score import NetworkScore
 from sdejax.sde import SDE, batch_broadcast
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
 X0Fn = Callable[[Array, Array], Array]
 WEIGHTINGS = ("truncated_snr", "uniform")
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkX0:
-    """x̂₀(x, t) of a network `apply_fn(params, x_in, labels, *, train, rng)` through `precond`:
-    `NetworkX0(...)(params, rng, x, t)`."""
-
-    sde: SDE
-    apply_fn: ApplyFn
-    precond: Precond
-    train: bool = False
-
-    def __call__(self, params: Any, rng: Array | None, x: Array, t: Array) -> Array:
-        net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng)  # noqa: E731
-        pred, alpha, sigma = self.precond.apply(net, self.sde, x, t)
-        return convert(pred, self.precond.output, "x0", x, alpha, sigma)
 
 
 def grid_time(sde: SDE, u: Array, eps: float) -> Array:
@@ -144,8 +127,8 @@ def pd_objective(apply_fn: ApplyFn, sde: SDE, precond: Precond, num_steps: int |
         raise ValueError(f"num_steps must be an integer >= 1 or a function of the step; got {num_steps!r}")
     n_fn = num_steps if callable(num_steps) else (lambda step, n=int(num_steps): jnp.asarray(n, jnp.int32))
     eps = float(sde.sampling_eps if eps is None else eps)
-    student = NetworkX0(sde, apply_fn, precond, bool(train))
-    frozen = NetworkX0(sde, apply_fn, precond, False)
+    student = NetworkScore(sde, apply_fn, precond, bool(train), kind="x0")
+    frozen = NetworkScore(sde, apply_fn, precond, kind="x0")
 
     def teacher_fn(context: Any) -> X0Fn:
         if teacher is not None:
@@ -173,5 +156,5 @@ def pd_objective(apply_fn: ApplyFn, sde: SDE, precond: Precond, num_steps: int |
     return objective
 
 
-__all__ = ["NetworkX0", "WEIGHTINGS", "ddim0", "grid_time", "num_stages", "pd_num_steps", "pd_objective",
+__all__ = ["WEIGHTINGS", "ddim0", "grid_time", "num_stages", "pd_num_steps", "pd_objective",
            "pd_stage", "pd_target_rate", "pd_times", "pd_weight", "teacher_two_steps", "x_target"]

@@ -66,7 +66,8 @@ def tweedie_x0(sde: SDE, score_fn: Callable[[Array, Array], Array], x: Array, t:
 @dataclasses.dataclass(frozen=True)
 class NetworkScore:
     """score(x, t) of a network through its preconditioner: `NetworkScore(...)(params, rng, x, t, y)`,
-    `y` the integer classes (B,) of a class-conditional network (None: the null class).
+    `y` the integer classes (B,) of a class-conditional network (None: the null class); with
+    `kind` = "x0" / "eps" / "v" the same prediction in that parameterisation instead of the score.
 
     Hashable (the network, schedule and preconditioner are static), so `get_score_fn` can hand the
     samplers a `Partial` whose only leaves are the parameters and the dropout key.
@@ -76,13 +77,14 @@ class NetworkScore:
     apply_fn: ApplyFn
     precond: Precond
     train: bool = False
+    kind: str = "score"
 
     def __call__(self, params: Any, rng: Array | None, x: Array, t: Array, y: Array | None = None) -> Array:
         check_time(x, t)
         cond = {} if y is None else {"y": y}  # a network without classes never sees `y`
         net = lambda x_in, labels: self.apply_fn(params, x_in, labels, train=self.train, rng=rng, **cond)  # noqa: E731
         pred, alpha, sigma = self.precond.apply(net, self.sde, x, t)
-        return convert(pred, self.precond.output, "score", x, alpha, sigma)
+        return convert(pred, self.precond.output, self.kind, x, alpha, sigma)
 
 
 def resolve_precond(sde: SDE, precond: Precond | None = None, prediction: str | None = None,

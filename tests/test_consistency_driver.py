@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs_helper import N, tiny_config
+from helpers import assert_states_equal
 from sdejax.consistency import ct_ema_rate
 from sdejax.training import build, config as config_lib, modes, trainer
 from sdejax.training import step as step_lib
@@ -25,12 +26,6 @@ def ct_config(**overrides):
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b)):
-        np.testing.assert_array_equal(x, y)
 
 
 # Config ------------------------------------------------------------------------------------------
@@ -83,7 +78,7 @@ def test_context_carries_step_target_and_teacher(teacher_dir, tmp_path):
     params (recorded by a host callback), and CD's student starts from the teacher."""
     s = build.setup(cd_config(teacher_dir, **{"training.n_iters": 3}), tmp_path)
     teacher_sum = float(sum(x.sum() for x in leaves(s.teacher_params)))
-    assert_trees_equal(s.state.params, s.teacher_params)  # same network: θ = θ⁻ = teacher at k = 0
+    assert_states_equal(s.state.params, s.teacher_params)  # same network: θ = θ⁻ = teacher at k = 0
     seen, real = [], s.objective(True)
 
     def record(step, target, teacher):
@@ -141,7 +136,7 @@ def test_ct_resume_is_bitwise_exact(ct_half_run, tmp_path):
     trainer.train_model(ct_config(), resumed)
     a, b = build.setup(ct_config(), straight).state, build.setup(ct_config(), resumed).state
     assert int(a.step) == 2 * N and a.target_params is not None
-    assert_trees_equal(a, b)
+    assert_states_equal(a, b)
 
 
 def test_run_sample_of_a_ct_run(ct_half_run):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs_helper import tiny_config
+from helpers import assert_states_equal
 from sdejax.sampling.ddim import ddim_sample
 from sdejax.training import build, config as config_lib, modes, trainer
 from sdejax.training import step as step_lib
@@ -20,12 +21,6 @@ PHASES = {"training.n_jitted_steps": 2, "training.log_freq": 2, "training.eval_f
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b)):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +60,8 @@ def test_stage_schedule_and_teacher_swap(teacher_dir, tmp_path):
     s = build.setup(config, tmp_path)
     teacher = build.load_teacher(config, jnp.asarray(s.data.heldout["x"]))
     assert s.teacher is None  # the teacher lives in the state
-    assert_trees_equal(s.state.params, teacher.params)
-    assert_trees_equal(s.state.target_params, teacher.params)
+    assert_states_equal(s.state.params, teacher.params)
+    assert_states_equal(s.state.target_params, teacher.params)
     obj = s.objective(True)
     train_step = jax.jit(step_lib.make_train_step(obj, s.tx, config.model.ema_rate,
                                                   target_rate=build.target_rate(config)))
@@ -77,12 +72,12 @@ def test_stage_schedule_and_teacher_swap(teacher_dir, tmp_path):
                             context_from_state(state))[1]["num_steps"]))
         state = train_step(state, batch)[0]
         if k < K - 1:
-            assert_trees_equal(state.target_params, teacher.params)
+            assert_states_equal(state.target_params, teacher.params)
         if k == K - 1:
             theta_k = state.params
             assert not np.array_equal(leaves(theta_k)[0], leaves(teacher.params)[0])
         if k >= K - 1:
-            assert_trees_equal(state.target_params, theta_k)
+            assert_states_equal(state.target_params, theta_k)
     assert seen == [N0 // 2] * K + [N0 // 4] * 2
 
 
@@ -102,7 +97,7 @@ def test_resume_across_a_stage_boundary_is_bitwise_exact(teacher_dir, pd_runs):
     config = pd_config(teacher_dir)
     a, b = (build.setup(config, workdir).state for workdir in pd_runs)
     assert int(a.step) == 2 * K
-    assert_trees_equal(a, b)
+    assert_states_equal(a, b)
     assert K in build.setup(config, pd_runs[0]).checkpointer.all_steps()
 
 

@@ -20,7 +20,6 @@ def edm_cifar10(objective: str):
     m.sigma_min, m.sigma_max, m.sigma_data = 0.002, 80.0, 0.5
     m.precond = 'edm'  # the DSM teacher's preconditioning (consistency objectives use Precond.consistency)
     config.eval.enable_bpd = False
-    config.data.random_flip = True
     config.data.centered = True  # [−1, 1], as EDM and the consistency models
     return config
 
