@@ -217,11 +217,13 @@ def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array],
                           weighting: str = "uniform", level_sampling: str = "uniform", sigma_min: float = 0.002,
                           sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0,
                           p_mean: float = -1.1, p_std: float = 2.0, train: bool = True,
-                          guidance: tuple[float, float] | None = None, skip: int = 1) -> Callable:
+                          guidance: tuple[float, float] | None = None, skip: int = 1,
+                          student_sees_w: bool = True) -> Callable:
     """`objective(params, rng, batch, context) -> (loss, aux)` of the module docstring: CD with a
     `teacher(context.teacher_params) -> score_fn(x, σ)`, CT without one. `num_scales` is N or N(step).
     `guidance=(w_min, w_max)`: guided CD on `batch["y"]`, the teacher's score_fn(x, σ, y=) class-
-    conditional (y=None: unconditional), `apply_fn` called with y= and w=. `skip` = k (levels n, n + k).
+    conditional (y=None: unconditional), `apply_fn` called with y= and w= (`student_sees_w=False`: y= only,
+    a student without a w-embedding, as LCM-LoRA at a fixed w). `skip` = k (levels n, n + k).
     aux: per-example weighted "losses", the student's "sigma" σ_{n+k}, "sigma_target" σ_n, "num_scales"
     (and "w" when guided)."""
     for name, value, valid in (("target", target, TARGETS), ("distance", distance_kind, DISTANCES),
@@ -252,13 +254,13 @@ def consistency_objective(apply_fn: ApplyFn, num_scales: int | Callable[[Array],
         if guidance is not None:
             if "y" not in batch:
                 raise ValueError(f"guided CD needs the classes batch['y']; got keys {sorted(batch)}")
-            cond = {"y": batch["y"], "w": _guidance_weights(u_keys, guidance, x0.dtype)}
-            aux = {"w": cond["w"]}
+            w = _guidance_weights(u_keys, guidance, x0.dtype)
+            cond, aux = ({"y": batch["y"], "w": w} if student_sees_w else {"y": batch["y"]}), {"w": w}
         if teacher is None:
             x_lo = x0 + batch_broadcast(s_lo, x0) * z
         else:
             score = teacher(context.teacher_params)
-            score = score if guidance is None else Partial(_guided_score, score, cond["y"], cond["w"])
+            score = score if guidance is None else Partial(_guided_score, score, batch["y"], aux["w"])
             x_lo = solver(score, x_hi, s_hi, s_lo)
         theta_minus = _target_params(params, context, target)
         student = f(params, net_rng, x_hi, s_hi, **cond)

@@ -16,7 +16,10 @@ import pytest
 
 from sdejax import consistency as cm
 from sdejax.analytic import GaussianMixture
+from sdejax.models.ddpm import DDPM
+from sdejax.models.dit import DiT
 from sdejax.models.mlp import MLP, make_apply_fn
+from sdejax.models.ncsnpp import NCSNpp
 from sdejax.precond import Precond
 from sdejax.sampling.consistency import consistency_sample
 from sdejax.sde import EDMSDE
@@ -95,19 +98,32 @@ def _mlps():
     return MLP(**kw), MLP(**kw, guidance_embedding=True)
 
 
-def test_w_embedding_zero_init_is_the_unconditioned_mlp():
-    """Zero kernel and bias: temb + 0·e(w) + 0 = temb exactly, so at init the w-MLP's output equals the
-    plain MLP's (same shared params) bit for bit for any w; a nonzero kernel makes w matter."""
-    plain, guided = _mlps()
-    x, labels, y = jnp.ones((4, 2)) * 0.3, jnp.array([-1.5, -0.2, 0.0, 0.7]), jnp.array([0, 1, 2, 1])
-    w = jnp.array([0.0, 1.0, 3.5, 7.0])
+def _networks(name):
+    """(plain, w-conditioned, x, labels) of a tiny network of each family."""
+    if name == "mlp":
+        return (*_mlps(), jnp.ones((4, 2)) * 0.3, jnp.array([-1.5, -0.2, 0.0, 0.7]))
+    unet = dict(image_size=8, num_channels=1, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                num_classes=3)
+    kw = {"ddpm": dict(nf=32, **unet), "ncsnpp": dict(nf=16, embedding_type="positional", **unet),
+          "dit": dict(image_size=8, num_channels=1, patch_size=2, num_classes=3, shape=(2, 32, 4))}[name]
+    cls = {"ddpm": DDPM, "ncsnpp": NCSNpp, "dit": DiT}[name]
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 1))
+    return cls(**kw), cls(**kw, guidance_embedding=True), x, jnp.array([-1.5, -0.2, 0.0, 0.7])
+
+
+@pytest.mark.parametrize("name", ["mlp", "ddpm", "ncsnpp", "dit"])
+def test_w_embedding_zero_init_is_the_unconditioned_network(name):
+    """Zero kernel and bias: temb + 0·e(w) + 0 = temb exactly, so at init the w-network's output equals
+    the plain network's (same shared params) bit for bit for any w; a nonzero kernel makes w matter."""
+    plain, guided, x, labels = _networks(name)
+    y, w = jnp.array([0, 1, 2, 1]), jnp.array([0.0, 1.0, 3.5, 7.0])
     params = guided.init(jax.random.PRNGKey(0), x, labels, y=y, w=w)
-    shared = {**params, "params": {k: v for k, v in params["params"].items() if k != "guidance_embed"}}
+    drop = lambda tree: {**tree, "params": {k: v for k, v in tree["params"].items() if k != "guidance_embed"}}  # noqa: E731
+    assert set(params["params"]) - set(drop(params)["params"]) == {"guidance_embed"}
     out = guided.apply(params, x, labels, y=y, w=w)
-    assert jnp.array_equal(out, plain.apply(shared, x, labels, y=y))
+    assert jnp.array_equal(out, plain.apply(drop(params), x, labels, y=y))
     bumped = jax.tree_util.tree_map(lambda a: a + 0.1, params)
-    bumped_shared = {**bumped, "params": {k: v for k, v in bumped["params"].items() if k != "guidance_embed"}}
-    assert not jnp.allclose(guided.apply(bumped, x, labels, y=y, w=w), plain.apply(bumped_shared, x, labels, y=y))
+    assert not jnp.allclose(guided.apply(bumped, x, labels, y=y, w=w), plain.apply(drop(bumped), x, labels, y=y))
     with pytest.raises(ValueError, match="guidance weight w"):
         guided.apply(params, x, labels, y=y)
 

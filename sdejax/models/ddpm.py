@@ -40,10 +40,12 @@ class DDPM(nn.Module):
     sigma_max: float = 50.0
     num_scales: int = 1000
     num_classes: int = 0
+    guidance_embedding: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
+    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
+                 w: Optional[Array] = None) -> Array:
         expected = (self.image_size, self.image_size, self.num_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"x must be NHWC of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {x.shape}")
@@ -61,8 +63,9 @@ class DDPM(nn.Module):
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(temb)
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(act(temb))
             temb = conditioning.add_class_embedding(temb, y, self.num_classes, dt)
-        elif self.num_classes > 0 or y is not None:
-            raise ValueError("class conditioning needs model.conditional = True")
+            temb = conditioning.add_guidance_embedding(temb, w, self.guidance_embedding, nf, dtype=dt)
+        elif self.num_classes > 0 or y is not None or w is not None or self.guidance_embedding:
+            raise ValueError("class conditioning and the guidance weight need model.conditional = True")
 
         def resblock(h: Array, out_ch: Optional[int] = None) -> Array:
             return layers.ResnetBlockDDPM(act=act, out_ch=out_ch, dropout=self.dropout, groups=32,

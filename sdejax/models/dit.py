@@ -28,7 +28,8 @@ Array = jax.Array
 # name: (depth, hidden_size, num_heads), the paper's Table 1
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCH_SIZES = (2, 4, 8)
-CONFIG_KEYS = frozenset({"size", "patch_size", "mlp_ratio", "learn_sigma", "num_classes", "dtype"})
+CONFIG_KEYS = frozenset({"size", "patch_size", "mlp_ratio", "learn_sigma", "num_classes", "guidance_embedding",
+                         "dtype"})
 
 
 def _check_patch(shape: tuple[int, ...], p: int) -> None:
@@ -115,11 +116,13 @@ class DiT(nn.Module):
     mlp_ratio: float = 4.0
     learn_sigma: bool = False
     num_classes: int = 0
+    guidance_embedding: bool = False
     dtype: Any = jnp.float32
     shape: Optional[tuple[int, int, int]] = None
 
     @nn.compact
-    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
+    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
+                 w: Optional[Array] = None) -> Array:
         if self.shape is None and self.size not in SIZES:
             raise ValueError(f"DiT size {self.size!r} is not valid; choose from {sorted(SIZES)}")
         expected = (self.image_size, self.image_size, self.num_channels)
@@ -137,6 +140,7 @@ class DiT(nn.Module):
         c = nn.Dense(hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
                      name="t_embed_1")(nn.silu(temb))
         c = conditioning.add_class_embedding(c, y, self.num_classes, self.dtype)
+        c = conditioning.add_guidance_embedding(c, w, self.guidance_embedding, 256, dtype=self.dtype)
         for i in range(depth):
             h = DiTBlock(hidden, heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
         shift, scale = jnp.split(_zero_dense(2 * hidden, self.dtype, "final_adaLN")(nn.silu(c)), 2, axis=-1)

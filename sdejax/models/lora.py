@@ -215,6 +215,19 @@ def lora_apply_fn(apply_fn: Callable[..., Array], base_params: Any, scale: float
                                  jnp.asarray(scale, jnp.float32))
 
 
+def _joined_forward(params: tuple[Any, Any], x: Array, labels: Array, *, apply_fn: Callable[..., Array],
+                    scale: float, **kwargs: Any) -> Array:
+    base, adapter = params
+    return _lora_forward(base, jnp.asarray(scale, jnp.float32), adapter, x, labels, apply_fn=apply_fn, **kwargs)
+
+
+def joined_apply_fn(apply_fn: Callable[..., Array], scale: float) -> Callable[..., Array]:
+    """`f((base, adapter), x, labels, *, train=False, rng=None, **kw)`: `lora_apply_fn` with the frozen
+    base taken from the params pair, so a caller that holds the base elsewhere (the driver: the teacher's
+    parameters, an argument of the jitted step) passes it in rather than closing over it."""
+    return functools.partial(_joined_forward, apply_fn=apply_fn, scale=float(scale))
+
+
 def save_adapter(path: Union[str, pathlib.Path], adapter: Any) -> None:
     """Write the adapter alone (orbax StandardCheckpointer; `path` must not exist yet)."""
     adapter_entries(adapter)

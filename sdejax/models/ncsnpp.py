@@ -61,6 +61,7 @@ class NCSNpp(nn.Module):
     sigma_max: float = 50.0
     num_scales: int = 1000
     num_classes: int = 0
+    guidance_embedding: bool = False
     dtype: Any = jnp.float32
 
     def _validate(self, x: Array, labels: Array) -> None:
@@ -78,7 +79,8 @@ class NCSNpp(nn.Module):
             raise ValueError("class conditioning (num_classes > 0) needs model.conditional = True")
 
     @nn.compact
-    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False) -> Array:
+    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
+                 w: Optional[Array] = None) -> Array:
         self._validate(x, labels)
         names = (f"all_modules_{i}" for i in itertools.count())
         act = layers.get_act(self.nonlinearity)
@@ -98,8 +100,9 @@ class NCSNpp(nn.Module):
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(emb)
             temb = nn.Dense(nf * 4, kernel_init=layers.default_init(), dtype=dt, name=next(names))(act(temb))
             temb = conditioning.add_class_embedding(temb, y, self.num_classes, dt)
-        elif y is not None:
-            raise ValueError("class labels y need model.conditional = True and model.num_classes > 0")
+            temb = conditioning.add_guidance_embedding(temb, w, self.guidance_embedding, nf, dtype=dt)
+        elif y is not None or w is not None or self.guidance_embedding:
+            raise ValueError("class labels y and the guidance weight w need model.conditional = True")
 
         def resblock(h: Array, out_ch: Optional[int] = None, up: bool = False, down: bool = False) -> Array:
             common = dict(act=act, out_ch=out_ch, dropout=self.dropout, init_scale=self.init_scale,

@@ -63,11 +63,12 @@ def _ncsnpp(config: ml_collections.ConfigDict) -> nn.Module:
                   progressive_input=m.progressive_input.lower(),
                   progressive_combine=m.progressive_combine.lower(),
                   embedding_type=m.embedding_type.lower(), fourier_scale=float(m.get("fourier_scale", 16.0)),
-                  init_scale=float(m.init_scale))
+                  init_scale=float(m.init_scale), guidance_embedding=m.get("guidance_embedding", False))
 
 
 def _ddpm(config: ml_collections.ConfigDict) -> nn.Module:
-    return DDPM(**_common(config), **_unet_common(config.model), conditional=config.model.conditional)
+    return DDPM(**_common(config), **_unet_common(config.model), conditional=config.model.conditional,
+                guidance_embedding=config.model.get("guidance_embedding", False))
 
 
 def _ncsnv2(variant: int) -> Callable[[ml_collections.ConfigDict], nn.Module]:
@@ -90,7 +91,7 @@ def _dit(config: ml_collections.ConfigDict) -> nn.Module:
     return dit.DiT(image_size=d.image_size, num_channels=d.num_channels, size=m.get("size", "S"),
                    patch_size=m.get("patch_size", 2), mlp_ratio=float(m.get("mlp_ratio", 4.0)),
                    learn_sigma=m.get("learn_sigma", False), num_classes=m.get("num_classes", 0),
-                   dtype=DTYPES[dtype_name])
+                   guidance_embedding=m.get("guidance_embedding", False), dtype=DTYPES[dtype_name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,8 @@ class Network:
 
 _NCSNV2_KEYS = COMMON_KEYS | {"nf", "normalization", "flavor"}
 MODELS: dict[str, Network] = {
-    "ncsnpp": Network(_ncsnpp, COMMON_KEYS | UNET_KEYS | NCSNPP_KEYS),
-    "ddpm": Network(_ddpm, COMMON_KEYS | UNET_KEYS | {"conditional"}),
+    "ncsnpp": Network(_ncsnpp, COMMON_KEYS | UNET_KEYS | NCSNPP_KEYS | {"guidance_embedding"}),
+    "ddpm": Network(_ddpm, COMMON_KEYS | UNET_KEYS | {"conditional", "guidance_embedding"}),
     "ncsn": Network(_ncsn, COMMON_KEYS | {"nf", "normalization"}),
     "ncsnv2_64": Network(_ncsnv2(64), _NCSNV2_KEYS),
     "ncsnv2_128": Network(_ncsnv2(128), _NCSNV2_KEYS),
@@ -138,7 +139,14 @@ def init_model(config: ml_collections.ConfigDict, rng: Array, batch_size: int = 
     """Build the model and its variables ({'params': ..., possibly 'constants': ...})."""
     model = get_model(config)
     x, labels = dummy_inputs(config, batch_size)
-    return model, jax.jit(lambda key: model.init({"params": key}, x, labels, train=False))(rng)
+    extra = guidance_inputs(config, batch_size)
+    return model, jax.jit(lambda key: model.init({"params": key}, x, labels, train=False, **extra))(rng)
+
+
+def guidance_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, Array]:
+    """{"w": zeros (batch,)} for a w-conditioned network (`model.guidance_embedding`), else {}: what
+    `model.init` needs besides (x, labels)."""
+    return {"w": jnp.zeros((batch_size,), jnp.float32)} if config.model.get("guidance_embedding", False) else {}
 
 
 def count_params(variables: Any) -> int:
@@ -147,12 +155,15 @@ def count_params(variables: Any) -> int:
 
 
 def make_apply_fn(model: nn.Module) -> ApplyFn:
-    """apply_fn(params, x, labels, *, train=False, rng=None, y=None) for `sdejax.score.get_score_fn`.
+    """apply_fn(params, x, labels, *, train=False, rng=None, y=None, w=None) for `sdejax.score.get_score_fn`.
 
-    `params` is the full variables dict; `rng` seeds dropout (needed when train=True and dropout > 0).
+    `params` is the full variables dict; `rng` seeds dropout (needed when train=True and dropout > 0);
+    `w` (batch,) is the guidance weight of a w-conditioned network (`model.guidance_embedding`), passed
+    on only when given (the networks without the embedding take no `w`).
     """
     def apply_fn(params: Any, x: Array, labels: Array, *, train: bool = False,
-                 rng: Optional[Array] = None, y: Optional[Array] = None) -> Array:
+                 rng: Optional[Array] = None, y: Optional[Array] = None, w: Optional[Array] = None) -> Array:
         rngs = {"dropout": rng} if rng is not None else {}
-        return model.apply(params, x, labels, y=y, train=train, rngs=rngs)
+        extra = {} if w is None else {"w": w}
+        return model.apply(params, x, labels, y=y, train=train, rngs=rngs, **extra)
     return apply_fn

@@ -11,6 +11,9 @@ and the trajectory does not depend on the number of devices or processes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
 import pathlib
 from typing import Any, Callable
 
@@ -23,7 +26,7 @@ from absl import logging
 from sdejax import consistency, losses, progressive, score
 from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
-from sdejax.models import convert_flax, mlp, registry
+from sdejax.models import convert_flax, lora, mlp, registry
 from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
 from sdejax.training import conditioning, sources, state as state_lib
@@ -56,7 +59,8 @@ def build_model(config: ml_collections.ConfigDict, rng: Array, x: Array) -> tupl
     name = config.model.name
     if name == "mlp":
         model = mlp.from_config(config)
-        return mlp.make_apply_fn(model), model.init({"params": rng}, x[:1], jnp.ones((1,), x.dtype))
+        return mlp.make_apply_fn(model), model.init({"params": rng}, x[:1], jnp.ones((1,), x.dtype),
+                                                    **registry.guidance_inputs(config))
     if name not in registry.MODELS:
         raise ValueError(f"unknown model.name {name!r}; valid: {sorted(['mlp', *registry.MODELS])}")
     model, variables = registry.init_model(config, rng)
@@ -110,9 +114,14 @@ class Teacher:
     params: Any
     step: int
 
-    def score_fn(self, params: Any) -> Callable[[Array, Array], Array]:
-        """`score_fn(x, σ)` of the teacher network with `params` (EDM schedule: t = σ)."""
-        return build_score_fn(self.config, self.sde, self.apply_fn, params)
+    def score_fn(self, params: Any) -> Callable[..., Array]:
+        """`score_fn(x, σ, y=None)` of the teacher network with `params` (EDM schedule: t = σ; classes y
+        of a class-conditional teacher, None its null class)."""
+        return functools.partial(_score_with_labels, self.config, self.sde, self.apply_fn, params)
+
+
+def _score_with_labels(config, sde, apply_fn, params, x: Array, t: Array, y: Array | None = None) -> Array:
+    return build_score_fn(config, sde, apply_fn, params, y)(x, t)
 
 
 def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
@@ -130,10 +139,8 @@ def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
         raise ValueError(f"training.teacher_workdir: checkpoint step {step} in {workdir} carries no config")
     if config_lib.objective_name(config) == "pd":
         _check_pd_teacher(config, teacher_config, workdir)
-    elif config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde.lower() != "edmsde":
-        raise ValueError(f"training.teacher_workdir must hold a score model trained with training.objective = "
-                         f"'dsm' and training.sde = 'edmsde' (sigma = t); {workdir} has objective "
-                         f"{config_lib.objective_name(teacher_config)!r}, sde {teacher_config.training.sde!r}")
+    else:
+        _check_cd_teacher(config, teacher_config, workdir)
     apply_fn, variables = build_model(teacher_config, stream_key(teacher_config, "init"), example_x)
     target = state_lib.create_train_state(variables, state_lib.get_optimizer(teacher_config.optim),
                                           stream_key(teacher_config, "state"))
@@ -146,11 +153,42 @@ def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
 _EMA_KEYS = ("ema_rate", "ema_warmup")
 
 
+def _network_keys(c: ml_collections.ConfigDict) -> dict:
+    """The `config.model` entries that shape the network (its name and own keys, `config.NETWORK_KEYS`)."""
+    own = config_lib.NETWORK_KEYS.get(c.model.get("name"), frozenset())
+    return _as_saved({k: v for k, v in c.model.to_dict().items() if k == "name" or k in own})
+
+
+def _as_saved(d: dict) -> dict:
+    """`d` as a checkpoint's saved (JSON) config holds it: tuples as lists."""
+    return json.loads(json.dumps(d))
+
+
+def _check_cd_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict,
+                      workdir: pathlib.Path) -> None:
+    """CD's teacher is a DSM score model on the EDM schedule. Guided CD needs a teacher with this run's classes, trained with label dropout (its null class is
+    the unconditional score); a LoRA student adapts the teacher's own network (same network keys)."""
+    if config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde.lower() != "edmsde":
+        raise ValueError(f"training.teacher_workdir must hold a score model trained with training.objective = "
+                         f"'dsm' and training.sde = 'edmsde' (sigma = t); {workdir} has objective "
+                         f"{config_lib.objective_name(teacher_config)!r}, sde {teacher_config.training.sde!r}")
+    k, tm = config.model.get("num_classes", 0), teacher_config.model
+    if "cd_guidance" in config.training and (tm.get("num_classes", 0) != k
+                                             or not teacher_config.training.get("p_uncond", 0.0) > 0):
+        raise ValueError(f"training.cd_guidance: training.teacher_workdir must hold a class-conditional model with "
+                         f"model.num_classes = {k} trained with label dropout (training.p_uncond > 0); {workdir} has "
+                         f"num_classes {tm.get('num_classes', 0)}, p_uncond {teacher_config.training.get('p_uncond', 0.0)}")
+    if "lora_rank" in config.training and _network_keys(teacher_config) != _network_keys(config):
+        raise ValueError(f"training.lora_rank: a LoRA student adapts the teacher's network, so config.model must "
+                         f"build the same one; {workdir} has {_network_keys(teacher_config)}, this run "
+                         f"{_network_keys(config)}")
+
+
 def _check_pd_teacher(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict,
                       workdir: pathlib.Path) -> None:
     """PD's student is the teacher's network read the same way: a DSM teacher with this run's
     `training.sde` and `config.model` (EMA settings aside)."""
-    model = lambda c: {k: v for k, v in c.model.to_dict().items() if k not in _EMA_KEYS}  # noqa: E731
+    model = lambda c: _as_saved({k: v for k, v in c.model.to_dict().items() if k not in _EMA_KEYS})  # noqa: E731
     if config_lib.objective_name(teacher_config) != "dsm" or teacher_config.training.sde != config.training.sde \
             or model(teacher_config) != model(config):
         raise ValueError(f"training.objective = 'pd': training.teacher_workdir must hold a DSM model with this run's "
@@ -195,21 +233,36 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
     name = config_lib.objective_name(config)
     if name == "dsm":
         return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
-    t, levels = config.training, dict(consistency_levels(config), train=train)
+    t = config.training
+    levels = dict(consistency_levels(config), train=train, distance_kind=t.get("consistency_distance", "l2"))
+    schedule = {k: int(t[f"ct_{k}"]) for k in ("s0", "s1") if f"ct_{k}" in t}
     if name == "ct":
-        return consistency.ct_objective(apply_fn, ct_total_steps(config), **levels)
+        return consistency.ct_objective(apply_fn, ct_total_steps(config), **schedule, **levels)
     if name == "ict":
-        return consistency.ict_objective(apply_fn, ct_total_steps(config), **levels)
+        levels["distance_kind"] = t.get("consistency_distance", "pseudo_huber")
+        return consistency.ict_objective(apply_fn, ct_total_steps(config), **schedule, **levels)
     if name == "cd":
         if teacher is None:
             raise ValueError("training.objective = 'cd' needs the teacher (`load_teacher`)")
-        return consistency.cd_objective(apply_fn, teacher.score_fn, num_scales=t.get("num_scales", 18),
-                                        solver=t.get("cd_solver", "heun"), **levels)
+        if "cd_guidance" in t:
+            levels.update(guidance=tuple(float(w) for w in t.cd_guidance),
+                          student_sees_w=config.model.get("guidance_embedding", False))
+        lora_scale = student_lora_scale(config)
+        student = apply_fn if lora_scale is None else lora.joined_apply_fn(apply_fn, lora_scale)
+        objective = consistency.cd_objective(student, teacher.score_fn, num_scales=t.get("num_scales", 18),
+                                             solver=t.get("cd_solver", "heun"), skip=t.get("cd_skip", 1), **levels)
+        return objective if lora_scale is None else objective_lib.with_frozen_base(objective)
     if name == "pd":
         n_fn = lambda step, k=pd_schedule(config): progressive.pd_num_steps(step, **k)  # noqa: E731
         return progressive.pd_objective(apply_fn, sde, build_precond(config, sde), n_fn,
                                         eps=config.sampling.get("eps", None), train=train)
     raise config_lib.VALUE_RULES["training.objective"].error("training.objective", name)
+
+
+def student_lora_scale(config: ml_collections.ConfigDict) -> float | None:
+    """s = α/r of a LoRA student (`training.lora_rank`, `lora_alpha`; LCM-LoRA), None for a full one."""
+    t = config.training
+    return None if "lora_rank" not in t else lora.lora_scale(int(t.lora_rank), t.get("lora_alpha", None))
 
 
 def target_rate(config: ml_collections.ConfigDict) -> Callable[[Array], Array] | None:
@@ -265,6 +318,12 @@ class Setup:
         """The teacher's parameters (an argument of the jitted step, `Context.teacher_params`), or None."""
         return None if self.teacher is None else self.teacher.params
 
+    def network_params(self, params: Any) -> Any:
+        """The variables `apply_fn` runs with for the trained `params`: themselves, or for a LoRA student
+        the teacher's variables with the adapter merged in (W + s·AB, `lora.merge`)."""
+        scale = student_lora_scale(self.config)
+        return params if scale is None else lora.merge(self.teacher.params, params, scale)
+
     def objective(self, train: bool) -> objective_lib.Objective:
         """The objective the train step (train=True) and the eval loss (train=False) call."""
         if self.objective_fn is not None:
@@ -286,19 +345,39 @@ def _same_shapes(a: Any, b: Any) -> bool:
     return jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and shapes(a) == shapes(b)
 
 
+def _graft(teacher: Any, fresh: Any) -> Any | None:
+    """`fresh` with the teacher's leaf at every path the two share, when every teacher leaf has a twin
+    of its shape in `fresh` (the student may add leaves, e.g. guided CD's zero-initialised w-embedding,
+    so that it starts as the teacher network); None when they do not fit."""
+    mine, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    theirs, shapes = dict(jax.tree_util.tree_flatten_with_path(teacher)[0]), dict((k, jnp.shape(v)) for k, v in mine)
+    if any(shapes.get(k) != jnp.shape(v) for k, v in theirs.items()):
+        return None
+    return jax.tree_util.tree_unflatten(treedef, [theirs.get(k, v) for k, v in mine])
+
+
 def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx,
                    teacher: Teacher | None = None) -> state_lib.TrainState:
     """Step 0 from fresh `variables`, or from a score_sde Flax checkpoint (`model.flax_checkpoint`):
     its training params, and its EMA. Objectives with a target θ⁻ (`target_rate`) start it at θ; CD
     starts θ (= θ⁻ = EMA) from the teacher's parameters when the networks have the same shapes (the
-    consistency models paper's initialisation); PD's student and θ⁻ always do (same network)."""
+    consistency models paper's initialisation; `_graft`); PD's student and θ⁻ always do (same network); a LoRA
+    student starts as its zero-B adapter (so as the teacher network) on the kernels of
+    `training.lora_targets`, by default every kernel with min(fan_in, out) >= r."""
     path, with_target = config.model.get("flax_checkpoint", ""), target_rate(config) is not None
+    if student_lora_scale(config) is not None:  # LCM-LoRA: the trained params are the adapter (B = 0)
+        rank = int(config.training.lora_rank)
+        wide_enough = lambda path, shape: min(math.prod(shape[:-1]), shape[-1]) >= rank  # noqa: E731
+        adapter = lora.init_lora(stream_key(config, "init"), jax.device_get(teacher.params), rank,
+                                 config.training.get("lora_targets", wide_enough))
+        return state_lib.create_train_state(adapter, tx, stream_key(config, "state"), with_target)
     if not path:
         if config_lib.objective_name(config) == "pd" and not _same_shapes(teacher.params, variables):
             raise ValueError("training.objective = 'pd': the teacher's parameters do not fit this run's network")
-        if teacher is not None and _same_shapes(teacher.params, variables):
+        grafted = None if teacher is None else _graft(jax.device_get(teacher.params), variables)
+        if grafted is not None:  # host copies: the step donates the state, not the teacher
             logging.info("consistency distillation: the student starts from the teacher's parameters")
-            variables = jax.device_get(teacher.params)  # host copies: the step donates the state, not the teacher
+            variables = grafted
         return state_lib.create_train_state(variables, tx, stream_key(config, "state"), with_target)
     original = convert_flax.read_flax_checkpoint(path)
     state = state_lib.create_train_state(convert_flax.from_flax_params(original["optimizer"]["target"], config),

@@ -3,7 +3,8 @@
 `config.sampling` keys (beside each method's own, `sdejax.sampling.methods.CONFIG_KEYS`):
 
     class_label       -1: sample i gets class i mod K (a grid shows the classes in turn); k: every sample k
-    guidance_weight   w of classifier-free guidance, s_c + w(s_c − s_u) (`sdejax.guidance.cfg`); 0: conditional
+    guidance_weight   w of classifier-free guidance, s_c + w(s_c − s_u) (`sdejax.guidance.cfg`); 0: conditional;
+                      of a w-conditioned network (`model.guidance_embedding`, guided CD) its input w
     guidance_rescale  φ of Lin et al.'s rescale, in ε-space (0: none)
     classifier_scale  γ of classifier guidance with the classifier of `--mode=train_classifier` (0: none)
 
@@ -49,10 +50,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     """Fail before any work on guidance settings the model cannot honour (the values' ranges are
     `config.VALUE_RULES`, checked first by `check_config`)."""
     g, k = settings(config), num_label_classes(config)
-    if g["guidance_weight"] != 0 and not config.model.get("num_classes", 0):
+    cfg = g["guidance_weight"] != 0 and not config.model.get("guidance_embedding", False)  # else w is an input
+    if cfg and not config.model.get("num_classes", 0):
         raise ValueError("sampling.guidance_weight (classifier-free guidance) needs a class-conditional model "
                          "(model.num_classes > 0, trained with training.p_uncond > 0)")
-    if g["guidance_weight"] != 0 and not config.training.get("p_uncond", 0.0) > 0:
+    if cfg and not config.training.get("p_uncond", 0.0) > 0:
         raise ValueError("sampling.guidance_weight needs a model trained with label dropout (training.p_uncond > 0): "
                          "its null-class output is the unconditional score")
     if g["classifier_scale"] > 0 and "classifier" not in config:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from sdejax import likelihood
+from sdejax import consistency, likelihood
 from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
@@ -51,10 +51,16 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # and the constant EMA rate of the target θ⁻ (`check_objective`); "pd" progressive distillation
     # (sdejax.progressive) of the teacher_workdir's DSM model: pd_teacher_steps N₀ (a power of two) and
     # pd_steps_per_stage K (the student of stage s has N₀/2^(s+1) DDIM steps).
+    # consistency_distance: d of CT/iCT/CD ("l2", "l1", "pseudo_huber"); ct_s0/ct_s1: s₀, s₁ of the CT/iCT
+    # N(k) schedules; cd_guidance (w_min, w_max) and cd_skip k: guided CD (latent consistency models) of a
+    # class-conditional teacher trained with label dropout; lora_rank/lora_alpha/lora_targets: CD trains a
+    # LoRA adapter (sdejax.models.lora) over the frozen teacher network (LCM-LoRA), rank r, scale α/r and
+    # a regex of the adapted kernel paths (default: those with min(fan_in, out) >= r).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps", "p_uncond", "objective", "ct_total_steps", "teacher_workdir", "cd_solver", "num_scales",
-                 "target_ema", "pd_teacher_steps", "pd_steps_per_stage"},
+                 "target_ema", "pd_teacher_steps", "pd_steps_per_stage", "consistency_distance", "ct_s0", "ct_s1",
+                 "cd_guidance", "cd_skip", "lora_rank", "lora_alpha", "lora_targets"},
     # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), the class
     # labels and guidance of sdejax.training.conditioning, and a consistency model's σ list
     # (consistency_sigmas, descending; default (model.sigma_max,): one step).
@@ -71,7 +77,7 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # reader settings (see sdejax.data.datasets).
     "data": {"dataset_kwargs", "num_train", "num_heldout", "data_dir", "stack", "download", "num_threads",
              "prefetch", "num_workers"},
-    "optim": set(),
+    "optim": {"beta2"},  # Adam's β₂ (default 0.999)
 }
 VALID_KEYS = {k: _SCORE_SDE_KEYS[k] | _SDEJAX_KEYS[k] for k in _SCORE_SDE_KEYS}
 
@@ -102,7 +108,11 @@ CD_SOLVERS = ("heun", "euler")
 OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_workdir": ("cd", "pd"),
                   "training.cd_solver": ("cd",), "training.num_scales": ("cd",), "training.target_ema": ("cd",),
                   "sampling.consistency_sigmas": CONSISTENCY_OBJECTIVES, "training.pd_teacher_steps": ("pd",),
-                  "training.pd_steps_per_stage": ("pd",)}
+                  "training.pd_steps_per_stage": ("pd",), "training.consistency_distance": CONSISTENCY_OBJECTIVES,
+                  "training.ct_s0": ("ct", "ict"), "training.ct_s1": ("ct", "ict"), "training.cd_guidance": ("cd",),
+                  "training.cd_skip": ("cd",), "training.lora_rank": ("cd",), "training.lora_alpha": ("cd",),
+                  "training.lora_targets": ("cd",)}
+LORA_KEYS = ("lora_alpha", "lora_targets")  # read only with training.lora_rank
 OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
 
@@ -177,6 +187,16 @@ VALUE_RULES: dict[str, Rule] = {
     "training.pd_teacher_steps": Rule("a power of two >= 2 (the first teacher's DDIM steps N₀)",
                                       lambda v: _is_int(v) and v >= 2 and not v & (v - 1)),
     "training.pd_steps_per_stage": at_least(1, "optimizer steps per halving"),
+    "training.consistency_distance": one_of(consistency.DISTANCES),
+    "training.ct_s0": at_least(1, "s₀ of the CT/iCT N(k)"),
+    "training.ct_s1": at_least(2, "s₁ of the CT/iCT N(k)"),
+    "training.cd_guidance": Rule("a pair (w_min, w_max) of reals with w_min <= w_max",
+                                 lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_real, v))
+                                 and v[0] <= v[1]),
+    "training.cd_skip": at_least(1, "Karras levels the teacher's step crosses"),
+    "training.lora_rank": at_least(1),
+    "training.lora_alpha": POSITIVE,
+    "training.lora_targets": Rule("a non-empty regex of kernel paths", lambda v: isinstance(v, str) and bool(v)),
     "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
     "sampling.guidance_weight": interval(-math.inf, math.inf, "()"),
     "sampling.guidance_rescale": interval(0.0, 1.0, "[]"),
@@ -206,6 +226,7 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.warmup": at_least(0, "0: no warm-up"),
     "optim.grad_clip": interval(-math.inf, math.inf, "()"),
     "optim.beta1": interval(0.0, 1.0, "[)"),
+    "optim.beta2": interval(0.0, 1.0, "[)"),
     "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
     "training.sde": Rule(f"one of {sorted(sde_lib.SDES)}", lambda v: isinstance(v, str) and v.lower() in sde_lib.SDES,
@@ -263,31 +284,61 @@ def _check_sigmas(config: ml_collections.ConfigDict) -> None:
 
 def check_objective(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError for settings the chosen `training.objective` cannot use: a consistency
-    objective needs the EDM schedule (α = 1, σ = t: `training.sde = "edmsde"`), an unconditional
-    network and no bits/dim (no score, so no PF-ODE likelihood); CD needs `training.teacher_workdir`;
-    a key another objective reads (`OBJECTIVE_KEYS`) may not be set."""
-    name = objective_name(config)
+    objective needs the EDM schedule (α = 1, σ = t: `training.sde = "edmsde"`) and no bits/dim (no
+    score, so no PF-ODE likelihood); CD needs `training.teacher_workdir`; a class-conditional
+    consistency model is guided CD's student (`_check_guided`); a key another objective reads
+    (`OBJECTIVE_KEYS`) may not be set."""
+    name, t = objective_name(config), config.training
     for key, readers in OBJECTIVE_KEYS.items():
         if _lookup(config, key)[0] and name not in readers:
             raise ValueError(f"{key} is read by training.objective in {list(readers)} only; "
                              f"training.objective = {name!r}")
+    for key in LORA_KEYS:
+        if key in t and "lora_rank" not in t:
+            raise ValueError(f"training.{key} is read only with training.lora_rank (a LoRA student)")
+    if config.model.get("guidance_embedding", False) and "cd_guidance" not in t:
+        raise ValueError("model.guidance_embedding = True: the network takes the guidance weight w, which only "
+                         "guided consistency distillation provides (training.objective = 'cd', training.cd_guidance)")
     if name == "pd":
         _check_pd(config)
     if name not in CONSISTENCY_OBJECTIVES:
         return
-    if config.training.sde.lower() != "edmsde":
+    if t.sde.lower() != "edmsde":
         raise ValueError(f"training.objective = {name!r} (a consistency model) needs the EDM schedule "
-                         f"(alpha = 1, sigma = t): set training.sde = 'edmsde'; got {config.training.sde!r}")
-    if name == "cd" and not config.training.get("teacher_workdir", ""):
+                         f"(alpha = 1, sigma = t): set training.sde = 'edmsde'; got {t.sde!r}")
+    if name == "cd" and not t.get("teacher_workdir", ""):
         raise ValueError("training.objective = 'cd' needs training.teacher_workdir: the workdir of a trained "
                          "sdejax score model (training.sde = 'edmsde') whose newest checkpoint's EMA is the teacher")
-    if config.model.get("num_classes", 0):
-        raise ValueError(f"training.objective = {name!r} trains an unconditional consistency model; "
-                         f"set model.num_classes = 0")
+    if t.get("ct_s1", 2) <= t.get("ct_s0", 1):
+        raise ValueError(f"training.ct_s1 = {t.ct_s1} must exceed training.ct_s0 = {t.get('ct_s0')}")
+    if t.get("cd_skip", 1) > t.get("num_scales", 18) - 1:
+        raise ValueError(f"training.cd_skip = {t.cd_skip} must be at most training.num_scales - 1 = "
+                         f"{t.get('num_scales', 18) - 1}")
     if config.eval.enable_bpd:
         raise ValueError(f"eval.enable_bpd: a consistency model (training.objective = {name!r}) has no score "
                          "function, so no probability-flow ODE likelihood; set eval.enable_bpd = False")
+    _check_guided(config)
     _check_sigmas(config)
+
+
+def _check_guided(config: ml_collections.ConfigDict) -> None:
+    """Guided CD (`training.cd_guidance`) and class-conditional consistency models go together; its
+    student sees w through `model.guidance_embedding`, required unless w_min = w_max (a fixed-w student,
+    LCM-LoRA); sampling's w (`sampling.guidance_weight`) is that input, and there is no score to guide."""
+    guided, m, g = "cd_guidance" in config.training, config.model, conditioning.settings(config)
+    if bool(m.get("num_classes", 0)) != guided:
+        raise ValueError("a class-conditional consistency model (model.num_classes > 0) is trained by guided "
+                         "distillation only: set both model.num_classes and training.cd_guidance (objective 'cd'), "
+                         "or neither")
+    if guided and config.training.cd_guidance[0] != config.training.cd_guidance[1] \
+            and not m.get("guidance_embedding", False):
+        raise ValueError(f"training.cd_guidance = {tuple(config.training.cd_guidance)} draws w per example: the "
+                         "student must see it (model.guidance_embedding = True), or fix w_min = w_max")
+    if g["guidance_weight"] != 0 and not m.get("guidance_embedding", False):
+        raise ValueError("sampling.guidance_weight: a consistency model has no score to guide; only a w-conditioned "
+                         "student (model.guidance_embedding = True) takes a guidance weight")
+    if g["guidance_rescale"] > 0 or g["classifier_scale"] > 0:
+        raise ValueError("sampling.guidance_rescale / classifier_scale: a consistency model has no score to guide")
 
 
 def _check_pd(config: ml_collections.ConfigDict) -> None:

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -103,7 +104,7 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
         put = lambda tree: jax.device_put(jax.tree_util.tree_map(_local_copy, tree), NamedSharding(mesh, P()))  # noqa: E731
     else:
         mesh, put = s.placement.mesh, s.placement.on_mesh
-    params = put(s.state.target_params if pd else s.state.ema_params)
+    params = put(s.network_params(s.state.target_params if pd else s.state.ema_params))
     classifier_params = None if classifier is None else put(classifier[1])
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
     compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
@@ -134,15 +135,21 @@ def consistency_sigmas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 def _consistency_sampler(config: ml_collections.ConfigDict, apply_fn: Callable, shape: tuple[int, ...]) -> Callable:
     """`sample(params, _, rng) -> (x, nfe)`: multistep consistency sampling of the consistency function
-    f_θ (`get_consistency_fn`) on `consistency_sigmas` (NFE = their number); no score is involved."""
+    f_θ (`get_consistency_fn`) on `consistency_sigmas` (NFE = their number); no score is involved. A
+    guided-CD student is conditioned on the sampling labels (`conditioning.sample_labels`) and, when
+    w-conditioned, on w = `sampling.guidance_weight`."""
     from sdejax.consistency import get_consistency_fn
     from sdejax.sampling.consistency import consistency_sample
 
     levels, sigmas = build.consistency_levels(config), consistency_sigmas(config)
+    y = conditioning.sample_labels(config, shape[0])
+    cond = {} if y is None else {"y": y}
+    if config.model.get("guidance_embedding", False):
+        cond["w"] = jnp.full((shape[0],), conditioning.settings(config)["guidance_weight"], jnp.float32)
 
     def sample(params, classifier_params, rng):
         del classifier_params
-        f = get_consistency_fn(apply_fn, params, levels["sigma_min"], levels["sigma_data"])
+        f = get_consistency_fn(apply_fn, params, levels["sigma_min"], levels["sigma_data"], **cond)
         return consistency_sample(f, rng, shape, sigmas, levels["sigma_min"])
 
     return sample

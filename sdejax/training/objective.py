@@ -42,6 +42,19 @@ def context_from_state(state: TrainState, teacher_params: Any = None) -> Context
                    teacher_params=teacher_params)
 
 
+def with_frozen_base(objective: Objective) -> Objective:
+    """The objective of a LoRA adapter over the frozen teacher (LCM-LoRA): `objective` sees the pairs
+    (context.teacher_params, adapter) as its params, EMA and target (`sdejax.models.lora.joined_apply_fn`
+    reads them); gradients reach the adapter only."""
+
+    def wrapped(params: Any, rng: Array, batch: dict, context: Context) -> tuple[Array, dict]:
+        pair = lambda adapter: None if adapter is None else (context.teacher_params, adapter)  # noqa: E731
+        inner = context.replace(ema_params=pair(context.ema_params), target_params=pair(context.target_params))
+        return objective(pair(params), rng, batch, inner)
+
+    return wrapped
+
+
 def from_loss(loss_fn: Callable[[Any, Array, dict], tuple[Array, dict]]) -> Objective:
     """The objective of a library loss `loss_fn(params, rng, batch)`, which ignores the context."""
 

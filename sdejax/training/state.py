@@ -13,7 +13,7 @@ import optax
 
 Array = jax.Array
 
-OPTIMIZERS = ("Adam", "AdamW")
+OPTIMIZERS = ("Adam", "AdamW", "RAdam")
 
 
 @flax.struct.dataclass
@@ -45,24 +45,26 @@ def get_lr_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def get_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) (if > 0) → Adam(lr·min(1, step/warmup), beta1, eps)
-    (+ decoupled weight decay for AdamW; AMSGrad with `optim.amsgrad`, as NCSN), applied to the
-    "params" collection only.
+    """clip_by_global_norm(grad_clip) (if > 0) → Adam(lr·min(1, step/warmup), beta1, beta2, eps)
+    (+ decoupled weight decay for AdamW; AMSGrad with `optim.amsgrad`, as NCSN; RAdam, Liu et al.'s
+    variance-rectified Adam, the consistency models' optimizer), applied to the "params" collection
+    only. `optim.beta2` defaults to 0.999 (score_sde's configs have no such key).
 
     As the original, the learning rate ramps linearly from 0 over `warmup` steps.
     """
     if optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; valid: {list(OPTIMIZERS)}")
-    lr = get_lr_schedule(optim)
+    lr, betas = get_lr_schedule(optim), dict(b1=optim.beta1, b2=optim.get("beta2", 0.999), eps=optim.eps)
+    if optim.get("amsgrad", False) and optim.optimizer != "Adam":
+        raise ValueError("optim.amsgrad is supported with optim.optimizer = 'Adam' only")
+    if optim.weight_decay and optim.optimizer != "AdamW":
+        raise ValueError("optim.weight_decay needs optim.optimizer = 'AdamW' (decoupled decay)")
     if optim.optimizer == "AdamW":
-        if optim.get("amsgrad", False):
-            raise ValueError("optim.amsgrad is supported with optim.optimizer = 'Adam' only")
-        opt = optax.adamw(lr, b1=optim.beta1, eps=optim.eps, weight_decay=optim.weight_decay)
+        opt = optax.adamw(lr, weight_decay=optim.weight_decay, **betas)
+    elif optim.optimizer == "RAdam":
+        opt = optax.radam(lr, **betas)
     else:
-        if optim.weight_decay:
-            raise ValueError("optim.weight_decay needs optim.optimizer = 'AdamW' (decoupled decay)")
-        adam = optax.amsgrad if optim.get("amsgrad", False) else optax.adam
-        opt = adam(lr, b1=optim.beta1, eps=optim.eps)
+        opt = (optax.amsgrad if optim.get("amsgrad", False) else optax.adam)(lr, **betas)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
     tx = optax.chain(*chain, opt)
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _trainable_labels)
