@@ -53,7 +53,7 @@ BAD_VALUES = [
     ("data.num_train", -1, r"data.num_train must be an integer >= 0"),
     ("model.ema_rate", 1.0, r"model.ema_rate must be in \[0, 1\); got 1.0"),
     ("model.ema_warmup", "yes", r"model.ema_warmup must be True or False; got 'yes'"),
-    ("optim.optimizer", "SGD", r"unknown optim.optimizer 'SGD'; valid: \['Adam', 'AdamW'\]"),
+    ("optim.optimizer", "SGD", r"unknown optim.optimizer 'SGD'; valid: \['Adam', 'AdamW', 'RAdam'\]"),
     ("optim.lr", 0.0, r"optim.lr must be in \(0, inf\); got 0.0"),
     ("optim.lr", -1e-3, r"optim.lr must be in \(0, inf\)"),
     ("optim.lr", float("inf"), r"optim.lr must be in \(0, inf\); got inf"),
@@ -79,6 +79,17 @@ BAD_VALUES = [
     ("training.cd_solver", "rk4", r"unknown training.cd_solver 'rk4'; valid: \['heun', 'euler'\]"),
     ("training.num_scales", 1, r"training.num_scales must be an integer >= 2 \(levels incl"),
     ("training.target_ema", 1.0, r"training.target_ema must be in \[0, 1\); got 1.0"),
+    ("training.consistency_distance", "lpips", r"unknown training.consistency_distance 'lpips'; valid: \["),
+    ("training.ct_s0", 0, r"training.ct_s0 must be an integer >= 1 \(s₀ of the CT/iCT N\(k\)\); got 0"),
+    ("training.ct_s1", 1, r"training.ct_s1 must be an integer >= 2 \(s₁ of the CT/iCT N\(k\)\); got 1"),
+    ("training.cd_guidance", (4.0, 1.0), r"training.cd_guidance must be a pair \(w_min, w_max\) of reals with "
+                                         r"w_min <= w_max; got \(4.0, 1.0\)"),
+    ("training.cd_guidance", 2.0, r"training.cd_guidance must be a pair"),
+    ("training.cd_skip", 0, r"training.cd_skip must be an integer >= 1 \(Karras levels the teacher's step"),
+    ("training.lora_rank", 0, r"training.lora_rank must be an integer >= 1; got 0"),
+    ("training.lora_alpha", 0.0, r"training.lora_alpha must be in \(0, inf\); got 0.0"),
+    ("training.lora_targets", "", r"training.lora_targets must be a non-empty regex of kernel paths; got ''"),
+    ("optim.beta2", 1.0, r"optim.beta2 must be in \[0, 1\); got 1.0"),
 ]
 
 
