@@ -22,6 +22,7 @@ from sdejax.models import dit
 from sdejax.models.ddpm import DDPM
 from sdejax.models.ncsnpp import NCSNpp
 from sdejax.models.ncsnv2 import NCSN, NCSNv2
+from sdejax.models.token_denoiser import TokenDenoiser
 
 Array = jax.Array
 ApplyFn = Callable[..., Array]
@@ -94,13 +95,22 @@ def _dit(config: ml_collections.ConfigDict) -> nn.Module:
                    guidance_embedding=m.get("guidance_embedding", False), dtype=DTYPES[dtype_name])
 
 
+def _token_denoiser(config: ml_collections.ConfigDict) -> nn.Module:
+    """Masked diffusion's transformer over token grids (K = `model.num_tokens` real tokens + MASK)."""
+    m = config.model
+    return TokenDenoiser(num_tokens=m.num_tokens, features=m.get("features", 64), depth=m.get("depth", 2),
+                         num_heads=m.get("num_heads", 4), mlp_ratio=m.get("mlp_ratio", 4))
+
+
 @dataclasses.dataclass(frozen=True)
 class Network:
-    """A network builder `build(config) -> module` and the `config.model` keys it reads (besides
-    `name`; the keys every model shares, SDE, EMA and preconditioning, are the driver's)."""
+    """A network builder `build(config) -> module`, the `config.model` keys it reads (besides
+    `name`; the keys every model shares, SDE, EMA and preconditioning, are the driver's) and whether
+    it reads integer tokens instead of real-valued images."""
 
     build: Callable[[ml_collections.ConfigDict], nn.Module]
     keys: frozenset[str]
+    tokens: bool = False
 
     def __call__(self, config: ml_collections.ConfigDict) -> nn.Module:
         return self.build(config)
@@ -115,6 +125,8 @@ MODELS: dict[str, Network] = {
     "ncsnv2_128": Network(_ncsnv2(128), _NCSNV2_KEYS),
     "ncsnv2_256": Network(_ncsnv2(256), _NCSNV2_KEYS),
     "dit": Network(_dit, dit.CONFIG_KEYS),
+    "token_denoiser": Network(_token_denoiser, frozenset({"num_tokens", "features", "depth", "num_heads", "mlp_ratio"}),
+                              tokens=True),
 }
 
 
@@ -129,7 +141,8 @@ def get_model(config: ml_collections.ConfigDict) -> nn.Module:
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple[Array, Array]:
     """(x, labels) with the right shapes and label dtype for `model.init`."""
     size, ch = config.data.image_size, config.data.num_channels
-    x = jnp.zeros((batch_size, size, size, ch), jnp.float32)
+    dtype = jnp.int32 if MODELS[config.model.name].tokens else jnp.float32
+    x = jnp.zeros((batch_size, size, size, ch), dtype)
     if config.model.name.startswith("ncsn") and config.model.name != "ncsnpp":
         return x, jnp.zeros((batch_size,), jnp.int32)
     return x, jnp.ones((batch_size,), jnp.float32)

@@ -30,8 +30,10 @@ class TokenDenoiser(nn.Module):
     mlp_ratio: int = 4
 
     @nn.compact
-    def __call__(self, z: Array, t: Array, train: bool = False) -> Array:
+    def __call__(self, z: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
         del train  # no dropout
+        if y is not None:
+            raise ValueError("TokenDenoiser is unconditional: it takes no class labels y")
         if t.shape != (z.shape[0],):
             raise ValueError(f"t must have shape ({z.shape[0]},) (one time per example); got {t.shape}")
         tokens = jnp.reshape(z, (z.shape[0], -1))

@@ -23,9 +23,10 @@ import ml_collections
 
 from absl import logging
 
-from sdejax import consistency, losses, progressive, score
+from sdejax import consistency, losses, masked, progressive, score
 from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
+from sdejax.data import transforms
 from sdejax.models import convert_flax, lora, mlp, registry
 from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
@@ -256,7 +257,20 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
         n_fn = lambda step, k=pd_schedule(config): progressive.pd_num_steps(step, **k)  # noqa: E731
         return progressive.pd_objective(apply_fn, sde, build_precond(config, sde), n_fn,
                                         eps=config.sampling.get("eps", None), train=train)
+    if name == "masked":
+        return masked_objective(config, apply_fn, train)
     raise config_lib.VALUE_RULES["training.objective"].error("training.objective", name)
+
+
+def masked_objective(config: ml_collections.ConfigDict, apply_fn, train: bool) -> objective_lib.Objective:
+    """Masked (absorbing-state) diffusion's NELBO (`sdejax.masked.masked_diffusion_loss`, schedule
+    `training.masking_schedule`) on the images of the batch read as tokens: x in the model's range
+    -> [0, 1] (`get_data_inverse_scaler`) -> round((L − 1)·x), L = `model.num_tokens` levels."""
+    levels, to_unit = int(config.model.num_tokens), transforms.get_data_inverse_scaler(config)
+    loss = masked.masked_diffusion_loss(apply_fn, levels, config.training.get("masking_schedule", "linear"),
+                                        train=train)
+    return objective_lib.from_loss(lambda params, rng, batch: loss(
+        params, rng, {**batch, "x": masked.levels_to_tokens(to_unit(batch["x"]), levels)}))
 
 
 def student_lora_scale(config: ml_collections.ConfigDict) -> float | None:
@@ -288,9 +302,10 @@ def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn
 
 def sampler_options(config: ml_collections.ConfigDict, step: int = 0) -> dict:
     """`config.sampling` as `sdejax.sampling.methods.from_config` reads it: without the guidance keys
-    and the consistency sampler's `consistency_sigmas`; a PD run's sampler is DDIM on the
+    and the consistency and masked samplers' `consistency_sigmas`, `masked_grid`; a PD run's sampler is DDIM on the
     `pd_sampling_steps(config, step)` + 1 grid points."""
-    options = {k: v for k, v in conditioning.method_options(config.sampling).items() if k != "consistency_sigmas"}
+    options = {k: v for k, v in conditioning.method_options(config.sampling).items()
+               if k not in ("consistency_sigmas", "masked_grid")}
     if config_lib.objective_name(config) == "pd":
         options.update(method="ddim", num_steps=pd_sampling_steps(config, step) + 1)
     return options
@@ -338,6 +353,18 @@ def check_classes(config: ml_collections.ConfigDict, data: sources.DataSource) -
         raise ValueError(f"model.num_classes={n} but data.dataset={config.data.dataset!r} has "
                          f"{data.num_classes or 'no'} class labels; set model.num_classes to "
                          f"{data.num_classes} (0: unconditional)")
+
+
+def check_tokens(config: ml_collections.ConfigDict, data: sources.DataSource) -> None:
+    """Masked diffusion reads the source's quantised levels as its `model.num_tokens` tokens."""
+    if config_lib.objective_name(config) != "masked":
+        return
+    if data.num_levels is None or data.data_range is None:
+        raise ValueError(f"training.objective = 'masked' needs quantised image data (tokens = intensity levels); "
+                         f"data.dataset = {config.data.dataset!r} is continuous")
+    if config.model.num_tokens != data.num_levels:
+        raise ValueError(f"model.num_tokens = {config.model.num_tokens} but data.dataset = {config.data.dataset!r} "
+                         f"has {data.num_levels} intensity levels; set model.num_tokens = {data.num_levels}")
 
 
 def _same_shapes(a: Any, b: Any) -> bool:
@@ -395,6 +422,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     sde = build_sde(config)
     data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
     check_classes(config, data)
+    check_tokens(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
     teacher, name = None, config_lib.objective_name(config)
     if name in ("cd", "pd"):  # PD's teacher starts θ and θ⁻ (its later teachers live in the state)

@@ -16,11 +16,11 @@ from typing import Any
 
 import ml_collections
 
-from sdejax import consistency, likelihood
+from sdejax import consistency, likelihood, masked
 from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
-from sdejax.sampling import methods, pc
+from sdejax.sampling import masked as masked_sampling, methods, pc
 from sdejax.training import conditioning, parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
@@ -55,16 +55,19 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # N(k) schedules; cd_guidance (w_min, w_max) and cd_skip k: guided CD (latent consistency models) of a
     # class-conditional teacher trained with label dropout; lora_rank/lora_alpha/lora_targets: CD trains a
     # LoRA adapter (sdejax.models.lora) over the frozen teacher network (LCM-LoRA), rank r, scale α/r and
-    # a regex of the adapted kernel paths (default: those with min(fan_in, out) >= r).
+    # a regex of the adapted kernel paths (default: those with min(fan_in, out) >= r). "masked": masked
+    # (absorbing-state) diffusion of quantised images as tokens (sdejax.masked; model.name
+    # "token_denoiser"), masking_schedule α(t) "linear" or "cosine".
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps", "p_uncond", "objective", "ct_total_steps", "teacher_workdir", "cd_solver", "num_scales",
                  "target_ema", "pd_teacher_steps", "pd_steps_per_stage", "consistency_distance", "ct_s0", "ct_s1",
-                 "cd_guidance", "cd_skip", "lora_rank", "lora_alpha", "lora_targets"},
+                 "cd_guidance", "cd_skip", "lora_rank", "lora_alpha", "lora_targets", "masking_schedule"},
     # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), the class
     # labels and guidance of sdejax.training.conditioning, and a consistency model's σ list
     # (consistency_sigmas, descending; default (model.sigma_max,): one step).
-    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS) | {"consistency_sigmas"},
+    # masked_grid: the time grid of masked diffusion's ancestral sampler ("uniform" or "cosine").
+    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS) | {"consistency_sigmas", "masked_grid"},
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).
@@ -101,7 +104,7 @@ SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "s
 NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
                                            **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
-OBJECTIVES = ("dsm", "ct", "ict", "cd", "pd")
+OBJECTIVES = ("dsm", "ct", "ict", "cd", "pd", "masked")
 CONSISTENCY_OBJECTIVES = ("ct", "ict", "cd")
 CD_SOLVERS = ("heun", "euler")
 # keys read only by some objectives (an unread setting fails fast)
@@ -111,7 +114,8 @@ OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_wo
                   "training.pd_steps_per_stage": ("pd",), "training.consistency_distance": CONSISTENCY_OBJECTIVES,
                   "training.ct_s0": ("ct", "ict"), "training.ct_s1": ("ct", "ict"), "training.cd_guidance": ("cd",),
                   "training.cd_skip": ("cd",), "training.lora_rank": ("cd",), "training.lora_alpha": ("cd",),
-                  "training.lora_targets": ("cd",)}
+                  "training.lora_targets": ("cd",), "training.masking_schedule": ("masked",),
+                  "sampling.masked_grid": ("masked",)}
 LORA_KEYS = ("lora_alpha", "lora_targets")  # read only with training.lora_rank
 OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
@@ -195,6 +199,8 @@ VALUE_RULES: dict[str, Rule] = {
                                  and v[0] <= v[1]),
     "training.cd_skip": at_least(1, "Karras levels the teacher's step crosses"),
     "training.lora_rank": at_least(1),
+    "training.masking_schedule": one_of(masked.SCHEDULE_NAMES),
+    "sampling.masked_grid": one_of(masked_sampling.GRIDS),
     "training.lora_alpha": POSITIVE,
     "training.lora_targets": Rule("a non-empty regex of kernel paths", lambda v: isinstance(v, str) and bool(v)),
     "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
@@ -301,6 +307,14 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
                          "guided consistency distillation provides (training.objective = 'cd', training.cd_guidance)")
     if name == "pd":
         _check_pd(config)
+    tokens = model_registry.MODELS[config.model.name].tokens if config.model.name in model_registry.MODELS else False
+    if tokens != (name == "masked"):
+        raise ValueError(f"training.objective = 'masked' goes with a token network (model.name = 'token_denoiser') "
+                         f"and a token network with it; got training.objective = {name!r}, "
+                         f"model.name = {config.model.name!r}")
+    if name == "masked" and config.data.get("uniform_dequantization", False):
+        raise ValueError("training.objective = 'masked' models the intensity levels themselves as tokens: set "
+                         "data.uniform_dequantization = False (x = k/(L − 1))")
     if name not in CONSISTENCY_OBJECTIVES:
         return
     if t.sde.lower() != "edmsde":

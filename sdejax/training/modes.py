@@ -1,36 +1,31 @@
 """Evaluation and sampling behind `sdejax --mode=eval|sample` and the reports of a training run:
-the held-out loss, PF-ODE bits/dim, the true entropy, FID/KID/IS, samples by any method, snapshot
-samples. Every mode uses the EMA parameters; what differs between toy and image data is asked of
-the data source (`sdejax.training.sources.DataSource`).
+the held-out loss, bits/dim, the true entropy, FID/KID/IS, samples by any method, snapshot
+samples. What differs between toy and image data is asked of the data source
+(`sdejax.training.sources.DataSource`), what differs between kinds of model of its family
+(`sdejax.training.families`: sampler, sampled parameters, likelihood).
 """
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import pathlib
 import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sdejax.sampling import methods
-from sdejax.training import build, conditioning, config as config_lib, parallel
+from sdejax.training import build, families, parallel
 from sdejax.training import step as step_lib
 from sdejax.training.build import Setup, stream_key
 from sdejax.training.objective import Context
 from sdejax.training.writer import MetricWriter
 
 Array = jax.Array
-
-REPORT_METHODS = ("pc", "ode", "dpm_solver")
-CONSISTENCY = "consistency"  # the sampler of every consistency objective (whatever sampling.method says)
 
 
 def to_host(x: Array) -> np.ndarray:
@@ -79,92 +74,29 @@ def _local_copy(x: Any) -> np.ndarray:
 
 
 def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Callable[[Array], tuple[Array, Array]], float]:
-    """`sampler(rng) -> (x, nfe)`: n samples with EMA params by `method` (any name in
-    `sdejax.sampling.methods.METHODS`, with the options config.sampling gives it), compiled once,
-    and the compile time. A consistency model (`config.is_consistency`) is sampled by multistep
-    consistency sampling on `consistency_sigmas` instead, whatever `method`; a progressively distilled
-    one (`training.objective = "pd"`) by DDIM with θ⁻ (the student of the last completed stage) on its
-    step count (`build.pd_sampling_steps`).
+    """`sampler(rng) -> (x, nfe)`: n samples by the run's family (`sdejax.training.families`): a score
+    model by `method` (any name in `sdejax.sampling.methods.METHODS`, with the options config.sampling
+    gives it); a consistency model by multistep consistency sampling, a progressively distilled one by
+    DDIM with θ⁻ on its step count, a masked-diffusion model by ancestral unmasking, whatever `method`.
+    Compiled once; also returns the compile time.
 
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
     devices only (each process may call it with its own rng, any number of times)."""
     shape = (n,) + tuple(np.shape(s.data.heldout["x"])[1:])
-    pd = config_lib.objective_name(s.config) == "pd"
-    if config_lib.is_consistency(s.config):
-        sample, method, classifier = _consistency_sampler(s.config, s.apply_fn, shape), CONSISTENCY, None
-    elif pd:
-        method = f"ddim{build.sampler_options(s.config, int(s.state.step))['num_steps'] - 1}"
-        sample, classifier = _score_sampler(s, "ddim", n, shape), classifier_for(s)
-    else:
-        sample, classifier = _score_sampler(s, method, n, shape), classifier_for(s)
-
+    fam = families.family(s.config)
+    sample, method, classifier = fam.sampler(s, method, n, shape), fam.method_name(s, method), families.classifier_for(s)
     if local:
         mesh = Mesh(np.asarray(jax.local_devices()), (parallel.AXIS,))
         put = lambda tree: jax.device_put(jax.tree_util.tree_map(_local_copy, tree), NamedSharding(mesh, P()))  # noqa: E731
     else:
         mesh, put = s.placement.mesh, s.placement.on_mesh
-    params = put(s.network_params(s.state.target_params if pd else s.state.ema_params))
+    params = put(s.network_params(fam.sampled_params(s.state)))
     classifier_params = None if classifier is None else put(classifier[1])
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
     compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
                                     jax.random.PRNGKey(0), out_shardings=(out_sharding, NamedSharding(mesh, P())))
     return (lambda rng: compiled(params, classifier_params, rng)), compile_s
-
-
-def _score_sampler(s: Setup, method: str, n: int, shape: tuple[int, ...]) -> Callable:
-    """`sample(params, classifier_params, rng) -> (x, nfe)` by a score-based `method`."""
-    draw = methods.from_config({**build.sampler_options(s.config, int(s.state.step)), "method": method})
-    y = conditioning.sample_labels(s.config, n)
-    classifier = classifier_for(s)
-
-    def sample(params, classifier_params, rng):
-        log_prob = None if classifier is None else classifier[0](classifier_params)
-        score_fn = conditioning.guided_score_fn(
-            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
-        return draw(rng, s.sde, score_fn, shape)
-
-    return sample
-
-
-def consistency_sigmas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-    """`sampling.consistency_sigmas` (descending), default (σ_max,): one step."""
-    default = (build.consistency_levels(config)["sigma_max"],)
-    return tuple(float(v) for v in config.sampling.get("consistency_sigmas", default))
-
-
-def _consistency_sampler(config: ml_collections.ConfigDict, apply_fn: Callable, shape: tuple[int, ...]) -> Callable:
-    """`sample(params, _, rng) -> (x, nfe)`: multistep consistency sampling of the consistency function
-    f_θ (`get_consistency_fn`) on `consistency_sigmas` (NFE = their number); no score is involved. A
-    guided-CD student is conditioned on the sampling labels (`conditioning.sample_labels`) and, when
-    w-conditioned, on w = `sampling.guidance_weight`."""
-    from sdejax.consistency import get_consistency_fn
-    from sdejax.sampling.consistency import consistency_sample
-
-    levels, sigmas = build.consistency_levels(config), consistency_sigmas(config)
-    y = conditioning.sample_labels(config, shape[0])
-    cond = {} if y is None else {"y": y}
-    if config.model.get("guidance_embedding", False):
-        cond["w"] = jnp.full((shape[0],), conditioning.settings(config)["guidance_weight"], jnp.float32)
-
-    def sample(params, classifier_params, rng):
-        del classifier_params
-        f = get_consistency_fn(apply_fn, params, levels["sigma_min"], levels["sigma_data"], **cond)
-        return consistency_sample(f, rng, shape, sigmas, levels["sigma_min"])
-
-    return sample
-
-
-def classifier_for(s: Setup) -> Optional[tuple[Callable, Any]]:
-    """With `sampling.classifier_scale` > 0: (params -> log_prob_fn, EMA params) of the classifier of
-    `--mode=train_classifier` in this setup's workdir, restored once per setup; else None."""
-    if conditioning.settings(s.config)["classifier_scale"] <= 0:
-        return None
-    if "classifier" not in s.compiled:
-        from sdejax.training import classifier_mode
-
-        s.compiled["classifier"] = classifier_mode.restore_classifier(s.config, s.workdir)
-    return s.compiled["classifier"]
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
@@ -195,26 +127,12 @@ def sample_quality(s: Setup, workdir: pathlib.Path) -> dict:
 
 
 def heldout_bits_per_dim(s: Setup) -> dict:
-    """Bits/dim of the EMA model on the held-out data (PF-ODE likelihood at t = eps), mean and
-    standard error, NFE and wall time; batches sharded over the mesh.
-
-    Continuous (toy) data: −log p(x)/(D ln 2). Data of L levels, dequantised to [0, 1] and scaled
-    to the source's range [lo, hi]: −(log p(y) + D log(hi − lo))/(D ln 2) + log2 L
-    (`sdejax.likelihood.bits_per_dim`); L = 17 for the digits, so their bits/dim are not comparable
-    with 8-bit images'."""
-    from sdejax.likelihood import bits_per_dim, log_likelihood
-
-    e = s.config.eval
-    kwargs = dict(divergence=e.get("divergence", "hutchinson_rademacher"), num_probes=e.get("num_probes", 1),
-                  rtol=e.get("rtol", 1e-5), atol=e.get("atol", 1e-5))
-    n_bits = None if s.data.num_levels is None else math.log2(s.data.num_levels)
-    data_range = s.data.data_range or (0.0, 1.0)  # unbounded data: no rescaling
-
-    def nll_bits(params, rng, xb, yb):  # a class-conditional model: log p(x | y) at the held-out labels
-        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, params, yb)
-        logp, _, nfe = log_likelihood(rng, s.sde, score_fn, xb, **kwargs)
-        return bits_per_dim(logp, xb.shape, data_range=data_range, n_bits=n_bits), nfe
-
+    """Bits/dim of the EMA model on the held-out data by its family's likelihood (`families`): the
+    PF-ODE likelihood of a score model, the NELBO bound of masked diffusion; mean and standard
+    error, NFE and wall time; batches sharded over the mesh. Quantised data count the discrete NLL
+    over the source's levels (L = 17 for the digits, so their bits/dim are not comparable with 8-bit
+    images')."""
+    e, nll_bits = s.config.eval, families.family(s.config).nll_bits(s)
     batch_size = min(e.batch_size, np.shape(s.data.heldout["x"])[0] * jax.process_count())
     params = s.placement.on_mesh(s.state.ema_params)
     compile_s, start, bits, nfes = 0.0, time.perf_counter(), [], []
@@ -294,16 +212,14 @@ def snapshot_samples(s: Setup, workdir: pathlib.Path, writer: MetricWriter,
 
 
 def report(s: Setup, workdir: pathlib.Path) -> dict:
-    """The quick-start report: `eval_metrics`, then samples (NFE, wall time) of `REPORT_METHODS`
-    (PC, the probability-flow ODE, DPM-Solver++ on `sampling.num_steps` points; a consistency model:
-    consistency sampling on `sampling.consistency_sigmas`) saved to `samples.npz` and pictured
-    beside the data in `samples.png`."""
+    """The quick-start report: `eval_metrics`, then samples (NFE, wall time) of the family's report
+    samplers (`families.Family.report_methods`: PC, the probability-flow ODE, DPM-Solver++ on
+    `sampling.num_steps` points for a score model; consistency sampling, DDIM or ancestral unmasking
+    for the others) saved to `samples.npz` and pictured beside the data in `samples.png`."""
     out = eval_metrics(s)
     if s.config.eval.enable_sampling:
         samples, out["samplers"] = {}, {}
-        report_methods = (CONSISTENCY,) if config_lib.is_consistency(s.config) else \
-            ("ddim",) if config_lib.objective_name(s.config) == "pd" else REPORT_METHODS
-        for i, method in enumerate(report_methods):
+        for i, method in enumerate(families.family(s.config).report_methods(s.config)):
             rng = jax.random.fold_in(stream_key(s.config, "sample"), i)
             samples[method], out["samplers"][method] = draw_samples(s, method, s.config.eval.num_samples, rng)
         save_samples(s, workdir / "samples", samples)

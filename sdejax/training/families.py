@@ -1,0 +1,169 @@
+"""Model families of the driver: how a trained `training.objective` is sampled, which samplers the
+report draws, which parameters it samples with, and how its held-out bits/dim are computed, so
+that `sdejax.training.modes` never asks what kind of model it holds.
+
+| family | objectives | sampler | params | bits/dim |
+|---|---|---|---|---|
+| score | dsm | any `sampling.methods` name (PC, ODE, DPM-Solver++, …) | EMA | PF-ODE likelihood |
+| consistency | ct, ict, cd | multistep consistency sampling on `sampling.consistency_sigmas` | EMA | — |
+| progressive | pd | DDIM on the distilled step count | θ⁻ (last completed stage) | — |
+| masked | masked | ancestral unmasking (`sdejax.sampling.masked`) | EMA | NELBO (an upper bound) |
+
+A sampler is `sample(params, classifier_params, rng) -> (x, nfe)` in the model's data range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sdejax.data import transforms
+from sdejax.sampling import masked as masked_sampling
+from sdejax.sampling import methods
+from sdejax.training import build, conditioning, config as config_lib
+from sdejax.training.objective import Context
+
+Array = jax.Array
+SampleFn = Callable[[Any, Any, Array], tuple[Array, Array]]
+NllFn = Callable[[Any, Array, Array, Optional[Array]], tuple[Array, Array]]  # (params, rng, x, y) -> (bits, nfe)
+
+REPORT_METHODS = ("pc", "ode", "dpm_solver")
+CONSISTENCY = "consistency"  # the sampler of every consistency objective (whatever sampling.method says)
+ANCESTRAL = "ancestral"  # masked diffusion's sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """`sampler(s, method, n, shape)`, the report's sampler names, the sampled parameters of a state,
+    the name a sampler is compiled and reported under, and `nll_bits(s)` (None: no likelihood)."""
+
+    sampler: Callable[[Any, str, int, tuple[int, ...]], SampleFn]
+    report_methods: Callable[[ml_collections.ConfigDict], tuple[str, ...]]
+    sampled_params: Callable[[Any], Any] = lambda state: state.ema_params
+    method_name: Callable[[Any, str], str] = lambda s, method: method
+    nll_bits: Optional[Callable[[Any], NllFn]] = None
+
+
+def _score_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
+    """A score-based `method` with the config's options, guidance and classifier."""
+    draw = methods.from_config({**build.sampler_options(s.config, int(s.state.step)), "method": method})
+    y = conditioning.sample_labels(s.config, n)
+    classifier = classifier_for(s)
+
+    def sample(params, classifier_params, rng):
+        log_prob = None if classifier is None else classifier[0](classifier_params)
+        score_fn = conditioning.guided_score_fn(
+            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
+        return draw(rng, s.sde, score_fn, shape)
+
+    return sample
+
+
+def _pf_ode_bits(s) -> NllFn:
+    """Bits/dim by the PF-ODE likelihood at t = eps (`sdejax.likelihood`): continuous data −log p(x)/(D ln 2);
+    data of L levels in [lo, hi]: −(log p(y) + D log(hi − lo))/(D ln 2) + log2 L (dequantised)."""
+    from sdejax.likelihood import bits_per_dim, log_likelihood
+
+    e = s.config.eval
+    kwargs = dict(divergence=e.get("divergence", "hutchinson_rademacher"), num_probes=e.get("num_probes", 1),
+                  rtol=e.get("rtol", 1e-5), atol=e.get("atol", 1e-5))
+    n_bits = None if s.data.num_levels is None else math.log2(s.data.num_levels)
+    data_range = s.data.data_range or (0.0, 1.0)  # unbounded data: no rescaling
+
+    def nll_bits(params, rng, xb, yb):  # a class-conditional model: log p(x | y) at the held-out labels
+        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, params, yb)
+        logp, _, nfe = log_likelihood(rng, s.sde, score_fn, xb, **kwargs)
+        return bits_per_dim(logp, xb.shape, data_range=data_range, n_bits=n_bits), nfe
+
+    return nll_bits
+
+
+def consistency_sigmas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """`sampling.consistency_sigmas` (descending), default (σ_max,): one step."""
+    default = (build.consistency_levels(config)["sigma_max"],)
+    return tuple(float(v) for v in config.sampling.get("consistency_sigmas", default))
+
+
+def _consistency_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
+    """Multistep consistency sampling of f_θ (`get_consistency_fn`) on `consistency_sigmas` (NFE = their
+    number); no score is involved. A guided-CD student is conditioned on the sampling labels
+    (`conditioning.sample_labels`) and, when w-conditioned, on w = `sampling.guidance_weight`."""
+    from sdejax.consistency import get_consistency_fn
+    from sdejax.sampling.consistency import consistency_sample
+
+    config = s.config
+    levels, sigmas = build.consistency_levels(config), consistency_sigmas(config)
+    y = conditioning.sample_labels(config, n)
+    cond = {} if y is None else {"y": y}
+    if config.model.get("guidance_embedding", False):
+        cond["w"] = jnp.full((n,), conditioning.settings(config)["guidance_weight"], jnp.float32)
+
+    def sample(params, classifier_params, rng):
+        del classifier_params
+        f = get_consistency_fn(s.apply_fn, params, levels["sigma_min"], levels["sigma_data"], **cond)
+        return consistency_sample(f, rng, shape, sigmas, levels["sigma_min"])
+
+    return sample
+
+
+def _masked_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
+    """Ancestral unmasking from all-MASK on `sampling.num_steps` steps of the `sampling.masked_grid`
+    grid (NFE = steps); tokens k map to the model range as the images k/(L − 1) (`get_data_scaler`)."""
+    c, levels = s.config, int(s.config.model.num_tokens)
+    steps, scaler = int(c.sampling.num_steps), transforms.get_data_scaler(c)
+    options = dict(num_tokens=levels, schedule=c.training.get("masking_schedule", "linear"), num_steps=steps,
+                   grid=c.sampling.get("masked_grid", "uniform"))
+
+    def sample(params, classifier_params, rng):
+        del classifier_params
+        z = masked_sampling.ancestral_sample(rng, lambda z, t: s.apply_fn(params, z, t), shape, **options)
+        return scaler(z.astype(jnp.float32) / (levels - 1)), jnp.int32(steps)
+
+    return sample
+
+
+def _masked_bits(s) -> NllFn:
+    """The NELBO in bits/dim (`sdejax.masked`: a bound on the discrete NLL over the L levels), averaged
+    over `eval.num_probes` draws of (t, mask) per example."""
+    objective, probes = s.objective(train=False), int(s.config.eval.get("num_probes", 1))
+
+    def nll_bits(params, rng, xb, yb):
+        del yb
+        context = Context(step=jnp.int32(0), ema_params=params)
+        bits = [objective(params, jax.random.fold_in(rng, k), {"x": xb}, context)[1]["bpd"] for k in range(probes)]
+        return jnp.mean(jnp.stack(bits), axis=0), jnp.int32(probes)
+
+    return nll_bits
+
+
+def classifier_for(s) -> Optional[tuple[Callable, Any]]:
+    """With `sampling.classifier_scale` > 0: (params -> log_prob_fn, EMA params) of the classifier of
+    `--mode=train_classifier` in this setup's workdir, restored once per setup; else None."""
+    if conditioning.settings(s.config)["classifier_scale"] <= 0:
+        return None
+    if "classifier" not in s.compiled:
+        from sdejax.training import classifier_mode
+
+        s.compiled["classifier"] = classifier_mode.restore_classifier(s.config, s.workdir)
+    return s.compiled["classifier"]
+
+
+SCORE = Family(_score_sampler, lambda config: REPORT_METHODS, nll_bits=_pf_ode_bits)
+CONSISTENCY_FAMILY = Family(_consistency_sampler, lambda config: (CONSISTENCY,),
+                            method_name=lambda s, method: CONSISTENCY)
+PROGRESSIVE = Family(lambda s, method, n, shape: _score_sampler(s, "ddim", n, shape), lambda config: ("ddim",),
+                     sampled_params=lambda state: state.target_params,
+                     method_name=lambda s, method: f"ddim{build.sampler_options(s.config, int(s.state.step))['num_steps'] - 1}")
+MASKED = Family(_masked_sampler, lambda config: (ANCESTRAL,), method_name=lambda s, method: ANCESTRAL,
+                nll_bits=_masked_bits)
+FAMILIES = {"dsm": SCORE, "ct": CONSISTENCY_FAMILY, "ict": CONSISTENCY_FAMILY, "cd": CONSISTENCY_FAMILY,
+            "pd": PROGRESSIVE, "masked": MASKED}
+
+
+def family(config: ml_collections.ConfigDict) -> Family:
+    """The family of `training.objective`."""
+    return FAMILIES[config_lib.objective_name(config)]
