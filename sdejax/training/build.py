@@ -23,7 +23,7 @@ import ml_collections
 
 from absl import logging
 
-from sdejax import consistency, losses, masked, progressive, score
+from sdejax import consistency, degradations, losses, masked, progressive, score, udm
 from sdejax import precond as precond_lib
 from sdejax import sde as sde_lib
 from sdejax.data import transforms
@@ -259,7 +259,29 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
                                         eps=config.sampling.get("eps", None), train=train)
     if name == "masked":
         return masked_objective(config, apply_fn, train)
+    if name == "udm":
+        loss = udm.udm_loss(udm_network(apply_fn), build_degradation(config, sde), "mse", train=train)
+        return objective_lib.from_loss(loss)
     raise config_lib.VALUE_RULES["training.objective"].error("training.objective", name)
+
+
+def build_degradation(config: ml_collections.ConfigDict, sde: sde_lib.SDE) -> degradations.Degradation:
+    """`training.degradation` of the UDM objective: "gaussian" (F_t = α_t x0 + σ_t ε of this run's SDE),
+    "blur" (Gaussian blur of std `blur_sigma_max`·√t, or ·t with `blur_schedule = "linear"`) or "mask"
+    (round(t·P) pixels set to `mask_fill` in the fixed order of seed `mask_seed`)."""
+    t = config.training
+    kwargs = {"gaussian": lambda: {"sde": sde},
+              "blur": lambda: {"sigma_max": float(t.get("blur_sigma_max", 8.0)),
+                               "schedule": t.get("blur_schedule", "sqrt")},
+              "mask": lambda: {"fill": float(t.get("mask_fill", 0.0)), "seed": int(t.get("mask_seed", 0))}}
+    name = t.get("degradation", "blur")
+    return degradations.get_degradation(name, **kwargs[name]())
+
+
+def udm_network(apply_fn):
+    """The UDM restorer x̂0 = G(x_t, t): the network's output itself, with labels 999·t (score_sde's VP time
+    labels, the scale the U-Nets' sinusoidal embedding expects)."""
+    return lambda params, x, t, **kwargs: apply_fn(params, x, 999.0 * t, **kwargs)
 
 
 def masked_objective(config: ml_collections.ConfigDict, apply_fn, train: bool) -> objective_lib.Objective:
@@ -300,12 +322,14 @@ def build_score_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn
     return score.get_score_fn(sde, apply_fn, params, precond=build_precond(config, sde), y=y)
 
 
+FAMILY_SAMPLING_KEYS = ("consistency_sigmas", "masked_grid", "udm_rule", "udm_prior_noise")  # read by the non-score samplers
+
+
 def sampler_options(config: ml_collections.ConfigDict, step: int = 0) -> dict:
     """`config.sampling` as `sdejax.sampling.methods.from_config` reads it: without the guidance keys
-    and the consistency and masked samplers' `consistency_sigmas`, `masked_grid`; a PD run's sampler is DDIM on the
+    and the other families' sampler keys (`FAMILY_SAMPLING_KEYS`); a PD run's sampler is DDIM on the
     `pd_sampling_steps(config, step)` + 1 grid points."""
-    options = {k: v for k, v in conditioning.method_options(config.sampling).items()
-               if k not in ("consistency_sigmas", "masked_grid")}
+    options = {k: v for k, v in conditioning.method_options(config.sampling).items() if k not in FAMILY_SAMPLING_KEYS}
     if config_lib.objective_name(config) == "pd":
         options.update(method="ddim", num_steps=pd_sampling_steps(config, step) + 1)
     return options

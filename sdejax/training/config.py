@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from sdejax import consistency, likelihood, masked
+from sdejax import consistency, likelihood, masked, udm
 from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
@@ -57,17 +57,24 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # LoRA adapter (sdejax.models.lora) over the frozen teacher network (LCM-LoRA), rank r, scale α/r and
     # a regex of the adapted kernel paths (default: those with min(fan_in, out) >= r). "masked": masked
     # (absorbing-state) diffusion of quantised images as tokens (sdejax.masked; model.name
-    # "token_denoiser"), masking_schedule α(t) "linear" or "cosine".
+    # "token_denoiser"), masking_schedule α(t) "linear" or "cosine". "udm": the unified diffusion
+    # framework's x0-prediction MSE (sdejax.udm) under the forward transform `degradation` ("gaussian"
+    # of training.sde, cold "blur" of std blur_sigma_max·√t (blur_schedule "sqrt"/"linear"), cold pixel
+    # "mask" with mask_fill and mask_seed).
     "training": {"importance_weighting", "keep_checkpoints", "parallelism", "grad_accum_steps",
                  "snapshot_num_samples", "digits_monitor", "unroll_steps", "time_sampling", "p_mean", "p_std",
                  "eps", "p_uncond", "objective", "ct_total_steps", "teacher_workdir", "cd_solver", "num_scales",
                  "target_ema", "pd_teacher_steps", "pd_steps_per_stage", "consistency_distance", "ct_s0", "ct_s1",
-                 "cd_guidance", "cd_skip", "lora_rank", "lora_alpha", "lora_targets", "masking_schedule"},
+                 "cd_guidance", "cd_skip", "lora_rank", "lora_alpha", "lora_targets", "masking_schedule",
+                 "degradation", "blur_sigma_max", "blur_schedule", "mask_fill", "mask_seed"},
     # sampling: every option of every method in sdejax.sampling.methods (CONFIG_KEYS), the class
     # labels and guidance of sdejax.training.conditioning, and a consistency model's σ list
     # (consistency_sigmas, descending; default (model.sigma_max,): one step).
-    # masked_grid: the time grid of masked diffusion's ancestral sampler ("uniform" or "cosine").
-    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS) | {"consistency_sigmas", "masked_grid"},
+    # masked_grid: the time grid of masked diffusion's ancestral sampler ("uniform" or "cosine");
+    # udm_rule/udm_prior_noise: the UDM sampler's update rule and the std of the Gaussian perturbation
+    # of its x_T = F_T(x, ε) (x: held-out data).
+    "sampling": set(methods.ALL_CONFIG_KEYS) | set(conditioning.GUIDANCE_KEYS) | {"consistency_sigmas", "masked_grid",
+                                                                                     "udm_rule", "udm_prior_noise"},
     # after_training: run the eval/sampling report when training ends (the quick start);
     # divergence/num_probes/rtol/atol: PF-ODE likelihood settings; num_bpd_batches: evaluate
     # bits/dim on the first n held-out batches only (0 or absent: all).
@@ -104,7 +111,7 @@ SHARED_MODEL_KEYS = frozenset({"name", "ema_rate", "ema_warmup", "sigma_min", "s
 NETWORK_KEYS: dict[str, frozenset[str]] = {"mlp": mlp.CONFIG_KEYS,
                                            **{name: net.keys for name, net in model_registry.MODELS.items()}}
 TOP_LEVEL = {"training", "sampling", "eval", "data", "model", "optim", "seed"}
-OBJECTIVES = ("dsm", "ct", "ict", "cd", "pd", "masked")
+OBJECTIVES = ("dsm", "ct", "ict", "cd", "pd", "masked", "udm")
 CONSISTENCY_OBJECTIVES = ("ct", "ict", "cd")
 CD_SOLVERS = ("heun", "euler")
 # keys read only by some objectives (an unread setting fails fast)
@@ -115,7 +122,9 @@ OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_wo
                   "training.ct_s0": ("ct", "ict"), "training.ct_s1": ("ct", "ict"), "training.cd_guidance": ("cd",),
                   "training.cd_skip": ("cd",), "training.lora_rank": ("cd",), "training.lora_alpha": ("cd",),
                   "training.lora_targets": ("cd",), "training.masking_schedule": ("masked",),
-                  "sampling.masked_grid": ("masked",)}
+                  "sampling.masked_grid": ("masked",), "training.degradation": ("udm",),
+                  "training.blur_sigma_max": ("udm",), "training.blur_schedule": ("udm",), "training.mask_fill": ("udm",),
+                  "training.mask_seed": ("udm",), "sampling.udm_rule": ("udm",), "sampling.udm_prior_noise": ("udm",)}
 LORA_KEYS = ("lora_alpha", "lora_targets")  # read only with training.lora_rank
 OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
 
@@ -201,6 +210,13 @@ VALUE_RULES: dict[str, Rule] = {
     "training.lora_rank": at_least(1),
     "training.masking_schedule": one_of(masked.SCHEDULE_NAMES),
     "sampling.masked_grid": one_of(masked_sampling.GRIDS),
+    "training.degradation": one_of(("gaussian", "blur", "mask")),
+    "training.blur_sigma_max": POSITIVE,
+    "training.blur_schedule": one_of(("sqrt", "linear")),
+    "training.mask_fill": interval(-math.inf, math.inf, "()"),
+    "training.mask_seed": at_least(0),
+    "sampling.udm_rule": one_of(tuple(udm.RULES)),
+    "sampling.udm_prior_noise": NON_NEGATIVE,
     "training.lora_alpha": POSITIVE,
     "training.lora_targets": Rule("a non-empty regex of kernel paths", lambda v: isinstance(v, str) and bool(v)),
     "sampling.class_label": at_least(-1, "-1: sample i gets class i mod K"),
@@ -315,6 +331,8 @@ def check_objective(config: ml_collections.ConfigDict) -> None:
     if name == "masked" and config.data.get("uniform_dequantization", False):
         raise ValueError("training.objective = 'masked' models the intensity levels themselves as tokens: set "
                          "data.uniform_dequantization = False (x = k/(L − 1))")
+    if name == "udm":
+        _check_udm(config)
     if name not in CONSISTENCY_OBJECTIVES:
         return
     if t.sde.lower() != "edmsde":
@@ -353,6 +371,30 @@ def _check_guided(config: ml_collections.ConfigDict) -> None:
                          "student (model.guidance_embedding = True) takes a guidance weight")
     if g["guidance_rescale"] > 0 or g["classifier_scale"] > 0:
         raise ValueError("sampling.guidance_rescale / classifier_scale: a consistency model has no score to guide")
+
+
+def udm_rule(config: ml_collections.ConfigDict) -> str:
+    """`sampling.udm_rule`, default "cold_improved" for the cold degradations, "deterministic" (DDIM) for
+    "gaussian"."""
+    gaussian = config.training.get("degradation", "blur") == "gaussian"
+    return config.sampling.get("udm_rule", "deterministic" if gaussian else "cold_improved")
+
+
+def _check_udm(config: ml_collections.ConfigDict) -> None:
+    """The cold degradations have no noise to recover: the inverting rules need "gaussian"; the blur
+    keys go with "blur", the mask keys with "mask"."""
+    degradation, rule = config.training.get("degradation", "blur"), udm_rule(config)
+    if rule in udm.INVERTING_RULES and degradation != "gaussian":
+        raise ValueError(f"sampling.udm_rule = {rule!r} recovers ε from x_t, which the {degradation!r} degradation "
+                         f"has not; use one of {[r for r in udm.RULES if r not in udm.INVERTING_RULES]}")
+    if config.eval.enable_bpd:
+        raise ValueError("eval.enable_bpd: the UDM objective (training.objective = 'udm') trains an x0 restorer "
+                         "with no likelihood; set eval.enable_bpd = False")
+    for prefix in ("blur", "mask"):
+        keys = [k for k in config.training.keys() if k.startswith(prefix + "_")]
+        if keys and degradation != prefix:
+            raise ValueError(f"training.{keys[0]} is read only with training.degradation = {prefix!r}; "
+                             f"got {degradation!r}")
 
 
 def _check_pd(config: ml_collections.ConfigDict) -> None:

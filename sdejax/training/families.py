@@ -8,6 +8,7 @@ that `sdejax.training.modes` never asks what kind of model it holds.
 | consistency | ct, ict, cd | multistep consistency sampling on `sampling.consistency_sigmas` | EMA | — |
 | progressive | pd | DDIM on the distilled step count | θ⁻ (last completed stage) | — |
 | masked | masked | ancestral unmasking (`sdejax.sampling.masked`) | EMA | NELBO (an upper bound) |
+| udm | udm | `sdejax.udm.udm_sample` by `sampling.udm_rule` from the data pushed to t = T | EMA | — |
 
 A sampler is `sample(params, classifier_params, rng) -> (x, nfe)` in the model's data range.
 """
@@ -20,7 +21,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from sdejax import udm
 from sdejax.data import transforms
 from sdejax.sampling import masked as masked_sampling
 from sdejax.sampling import methods
@@ -140,6 +143,33 @@ def _masked_bits(s) -> NllFn:
     return nll_bits
 
 
+def _udm_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
+    """UDM sampling (`sdejax.udm.udm_sample`) by `sampling.udm_rule` on `sampling.num_steps` points
+    t = linspace(T, t_end) from x_T = F_T(x, ε) + `sampling.udm_prior_noise`·z, x the held-out images in
+    turn: the push-forward of the data through the forward transform. The cold rules end at t = 0 with
+    the state itself; the others at `sampling.eps` (default the SDE's) with the final x̂0."""
+    c = s.config
+    deg, rule = build.build_degradation(c, s.sde), config_lib.udm_rule(c)
+    cold = rule.startswith("cold")
+    t_end = deg.t_min if cold else max(deg.t_min, float(c.sampling.get("eps", s.sde.sampling_eps)))
+    ts = np.linspace(deg.T, t_end, int(c.sampling.num_steps))
+    eta = float(c.sampling.get("eta", 0.0)) if rule == "interp" else 0.0
+    held = np.asarray(s.data.heldout["x"])
+    x = jnp.asarray(held[np.arange(n) % held.shape[0]])
+    noise_std, net = float(c.sampling.get("udm_prior_noise", 0.0)), build.udm_network(s.apply_fn)
+
+    def sample(params, classifier_params, rng):
+        del classifier_params
+        k_eps, k_z, k_run = jax.random.split(rng, 3)
+        x_T = deg.apply(x, deg.noise(k_eps, shape, x.dtype), jnp.full((n,), deg.T, x.dtype))
+        x_T = x_T + noise_std * jax.random.normal(k_z, shape, x.dtype)
+        out, nfe = udm.udm_sample(k_run, deg, jax.tree_util.Partial(net, params), x_T, ts, rule=rule,
+                                  eta=eta, denoise=not cold)
+        return out, jnp.int32(nfe)
+
+    return sample
+
+
 def classifier_for(s) -> Optional[tuple[Callable, Any]]:
     """With `sampling.classifier_scale` > 0: (params -> log_prob_fn, EMA params) of the classifier of
     `--mode=train_classifier` in this setup's workdir, restored once per setup; else None."""
@@ -158,10 +188,11 @@ CONSISTENCY_FAMILY = Family(_consistency_sampler, lambda config: (CONSISTENCY,),
 PROGRESSIVE = Family(lambda s, method, n, shape: _score_sampler(s, "ddim", n, shape), lambda config: ("ddim",),
                      sampled_params=lambda state: state.target_params,
                      method_name=lambda s, method: f"ddim{build.sampler_options(s.config, int(s.state.step))['num_steps'] - 1}")
+UDM = Family(_udm_sampler, lambda config: ("udm",), method_name=lambda s, method: "udm")
 MASKED = Family(_masked_sampler, lambda config: (ANCESTRAL,), method_name=lambda s, method: ANCESTRAL,
                 nll_bits=_masked_bits)
 FAMILIES = {"dsm": SCORE, "ct": CONSISTENCY_FAMILY, "ict": CONSISTENCY_FAMILY, "cd": CONSISTENCY_FAMILY,
-            "pd": PROGRESSIVE, "masked": MASKED}
+            "pd": PROGRESSIVE, "masked": MASKED, "udm": UDM}
 
 
 def family(config: ml_collections.ConfigDict) -> Family:
