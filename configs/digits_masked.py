@@ -14,7 +14,7 @@ def get_config():
     t, m, s, e = config.training, config.model, config.sampling, config.eval
     t.objective = "masked"
     t.masking_schedule = "linear"
-    t.n_iters = 4000
+    t.batch_size, t.n_iters = 64, 2000  # a 2-CPU budget
     t.snapshot_sampling = False
     t.digits_monitor = False
     config.data.uniform_dequantization = False  # the levels are the tokens
