@@ -4,7 +4,11 @@ All SDEs here are linear: x_t = α_t x_0 + σ_t z with z ~ N(0, I), exposed thro
 `marginal_coeffs(t) -> (alpha, sigma)`. Every sampler, loss and conversion in sdejax is written
 against that pair, so a new schedule only needs these methods.
 
-Shapes: `x` has a leading batch axis and any trailing shape; `t` is `(batch,)`. SDE objects are
+Shapes: `x` has a leading batch axis and any trailing shape; `t` is `(batch,)`. (α, σ) have the
+shape of `t` (one pair per example), or both `t.shape + x.shape[1:]` for a schedule that is diagonal
+per dimension (x_t,i = α_t,i x_0,i + σ_t,i z_i, e.g. `sdejax.blurring.BlurringSDE` in the DCT basis);
+`batch_broadcast` handles both, so whatever is elementwise in (α, σ) works on either, and what needs
+one log-SNR per example refuses a per-dimension schedule (`check_per_example`). SDE objects are
 frozen dataclasses registered as static pytrees, so they can be closed over or passed into jitted
 functions.
 """
@@ -24,8 +28,22 @@ ScoreFn = Callable[[Array, Array], Array]
 
 
 def batch_broadcast(v: Array, x: Array) -> Array:
-    """Reshape a per-example `(batch,)` array so it broadcasts against `x` of shape `(batch, ...)`."""
+    """Reshape a per-example `(batch,)` array so it broadcasts against `x` of shape `(batch, ...)`
+    (a per-dimension `(batch, ...)` array is returned as it is)."""
     return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def check_per_example(values: Array, t: Array, what: str) -> Array:
+    """`values` (computed from the schedule at times `t`) if they have the shape of `t`, else a ValueError:
+    `what` needs one (α, σ) pair, i.e. one log-SNR, per time, which a per-dimension schedule lacks."""
+    if jnp.shape(values) != jnp.shape(t):
+        raise ValueError(
+            f"{what} needs one log-SNR per time, but this schedule's (alpha, sigma) are per dimension (shape "
+            f"{jnp.shape(values)} at times of shape {jnp.shape(t)}); use a sampler that is elementwise in "
+            "(alpha, sigma): ode_sample, sde_sample, pc_sample, ddim_sample, Euler/Heun on a "
+            "uniform grid without churn, or log_likelihood"
+        )
+    return values
 
 
 def check_time(x: Array, t: Array, name: str = "t") -> None:
@@ -106,6 +124,7 @@ class SDE(abc.ABC):
         """The time t with λ(t) = lam, by bisection on [t_min, T] (λ is monotone); clamped to the ends."""
         lam = jnp.asarray(lam)
         lo, hi = jnp.full_like(lam, self.t_min), jnp.full_like(lam, self.T)
+        check_per_example(self.log_snr(lo), lam, "t_from_log_snr")
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
             above = self.log_snr(mid) > lam  # λ decreasing: the root lies later

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from sdejax.sampling.common import check_number
 from sdejax.sampling.loop import batch_time
 from sdejax.score import tweedie_x0
-from sdejax.sde import SDE, ScoreFn
+from sdejax.sde import SDE, ScoreFn, check_per_example
 
 Array = jax.Array
 TableFn = Callable[[Array, Array], Array]  # (u, h) -> per-prefix weights (..., K, K)
@@ -59,8 +59,8 @@ class Plan(NamedTuple):
 
 
 def half_log_snr(sde: SDE, t: Array) -> Array:
-    """λ(t) = log α_t − log σ_t = log_snr(t)/2."""
-    return 0.5 * sde.log_snr(t)
+    """λ(t) = log α_t − log σ_t = log_snr(t)/2 (one per time: a per-dimension schedule is refused)."""
+    return 0.5 * check_per_example(sde.log_snr(t), t, "DPM-Solver++ / UniPC (steps in the log-SNR)")
 
 
 def phi_weights(big_h: Array, count: int) -> Array:

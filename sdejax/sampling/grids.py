@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdejax.sde import SDE
+from sdejax.sde import SDE, check_per_example
 
 GridBuilder = Callable[..., np.ndarray]
 
@@ -35,7 +35,8 @@ def _float64(fn: Callable[..., Any], *args: Any) -> np.ndarray:
 
 def _sigma_tilde(sde: SDE, t: np.ndarray) -> np.ndarray:
     """σ̃(t) = σ_t/α_t in float64."""
-    return _float64(lambda u: (lambda alpha, sigma: sigma / alpha)(*sde.marginal_coeffs(u)), t)
+    ratio = lambda alpha, sigma: sigma / alpha  # noqa: E731
+    return _float64(lambda u: check_per_example(ratio(*sde.marginal_coeffs(u)), u, "a grid in sigma-tilde"), t)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -93,7 +94,7 @@ def validate(sde: SDE, ts: Any) -> np.ndarray:
     if bad.size:
         raise ValueError(f"ts[{bad[0]}] = {t[bad[0]]!r} lies outside the SDE's time range "
                          f"[t_min, T] = [{sde.t_min}, {sde.T}]")
-    bad = np.flatnonzero(~np.isfinite(_float64(sde.log_snr, arr)))
+    bad = np.flatnonzero(~np.all(np.isfinite(_float64(sde.log_snr, arr)).reshape(arr.size, -1), axis=1))
     if bad.size:
         i = bad[0]
         raise ValueError(f"ts[{i}] = {t[i]!r} has an infinite log-SNR (α(t) = 0 or σ(t) = 0): every grid "

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from sdejax.sde import SDE, ScoreFn
+from sdejax.sde import SDE, ScoreFn, batch_broadcast
 
 Array = jax.Array
 Callback = Callable[[int, Array, Array], None]
@@ -136,7 +136,7 @@ def renoise(sde: SDE, rng: Array, x: Array, t: Array, s: Array) -> Array:
     r = a_s / a_t
     std = jnp.sqrt(jnp.maximum(s_s**2 - (r * s_t) ** 2, 0.0))
     z = jax.random.normal(rng, x.shape, x.dtype)
-    return jnp.reshape(r, (-1,) + (1,) * (x.ndim - 1)) * x + jnp.reshape(std, (-1,) + (1,) * (x.ndim - 1)) * z
+    return batch_broadcast(r, x) * x + batch_broadcast(std, x) * z
 
 
 def _down(solver, sde, score_fn, constraint, key, state, x, i, ts):

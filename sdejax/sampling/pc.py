@@ -68,7 +68,7 @@ class EulerMaruyama:
         dt = s - t
         z = jax.random.normal(rng, x.shape, x.dtype)
         mean = x + batch_broadcast(dt, x) * drift
-        return mean + batch_broadcast(diffusion * jnp.sqrt(-dt), x) * z, mean
+        return mean + batch_broadcast(diffusion, x) * batch_broadcast(jnp.sqrt(-dt), x) * z, mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ class Langevin:
         score = score_fn(x, t)
         z = jax.random.normal(rng, x.shape, x.dtype)
         r = _RATIOS[self.norm](sde, t, z, score)
-        step = batch_broadcast(2.0 * langevin_step_scale(sde, t) * (self.snr * r) ** 2, x)
+        step = batch_broadcast(2.0 * langevin_step_scale(sde, t), x) * batch_broadcast((self.snr * r) ** 2, x)
         mean = x + step * score
         return mean + jnp.sqrt(2.0 * step) * z, mean
 
