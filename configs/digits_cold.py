@@ -20,7 +20,7 @@ def get_config(variant: str = "blur"):
     else:
         t.mask_fill = 0.0  # mid-gray in [−1, 1], distinct from the background (−1)
         s.udm_prior_noise = 0.1
-    t.batch_size, t.n_iters = 64, 1000  # a 2-CPU budget
+    t.batch_size, t.n_iters = 64, 600  # a 2-CPU budget
     t.n_jitted_steps = 1
     t.snapshot_sampling = False
     t.digits_monitor = False
