@@ -71,7 +71,7 @@ BAD_VALUES = [
     ("model.name", "resnet", r"unknown model.name 'resnet'; valid: \['mlp', 'ncsnpp'"),
     ("model.precond", "karras", r"unknown model.precond 'karras'; valid: \['default', 'plain', 'edm'\]"),
     ("training.sde", "edm", r"unknown training.sde 'edm'; valid: \['cosinevpsde'"),
-    ("training.objective", "flow", r"unknown training.objective 'flow'; valid: \['dsm', 'ct', 'ict', 'cd', 'pd'\]"),
+    ("training.objective", "flow", r"unknown training.objective 'flow'; valid: \['dsm', 'ct', 'ict', 'cd', 'pd', 'masked', 'udm'\]"),
     ("training.pd_teacher_steps", 12, r"training.pd_teacher_steps must be a power of two >= 2"),
     ("training.pd_steps_per_stage", 0, r"training.pd_steps_per_stage must be an integer >= 1"),
     ("training.ct_total_steps", 0, r"training.ct_total_steps must be an integer >= 1 \(K of the CT/iCT"),
@@ -90,6 +90,15 @@ BAD_VALUES = [
     ("training.lora_alpha", 0.0, r"training.lora_alpha must be in \(0, inf\); got 0.0"),
     ("training.lora_targets", "", r"training.lora_targets must be a non-empty regex of kernel paths; got ''"),
     ("optim.beta2", 1.0, r"optim.beta2 must be in \[0, 1\); got 1.0"),
+    ("training.masking_schedule", "cos", r"unknown training.masking_schedule 'cos'; valid: \['cosine', 'linear'\]"),
+    ("sampling.masked_grid", "karras", r"unknown sampling.masked_grid 'karras'; valid: \['uniform', 'cosine'\]"),
+    ("training.degradation", "noise", r"unknown training.degradation 'noise'; valid: \['gaussian', 'blur', 'mask'\]"),
+    ("training.blur_sigma_max", 0.0, r"training.blur_sigma_max must be in \(0, inf\); got 0.0"),
+    ("training.blur_schedule", "cubic", r"unknown training.blur_schedule 'cubic'; valid: \['sqrt', 'linear'\]"),
+    ("training.mask_fill", float("nan"), r"training.mask_fill must be in \(-inf, inf\); got nan"),
+    ("training.mask_seed", -1, r"training.mask_seed must be an integer >= 0; got -1"),
+    ("sampling.udm_rule", "ddim", r"unknown sampling.udm_rule 'ddim'; valid: \['deterministic', 'fresh'"),
+    ("sampling.udm_prior_noise", -0.1, r"sampling.udm_prior_noise must be in \[0, inf\); got -0.1"),
 ]
 
 

@@ -30,7 +30,7 @@ def leaves(tree):
 
 # Config ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
-    ({"training.objective": "flow"}, "unknown training.objective 'flow'; valid: ['dsm', 'ct', 'ict', 'cd', 'pd']"),
+    ({"training.objective": "flow"}, "unknown training.objective 'flow'; valid: ['dsm', 'ct', 'ict', 'cd', 'pd', 'masked', 'udm']"),
     ({**EDM, "training.objective": "cd"}, "needs training.teacher_workdir"),
     ({"training.objective": "ct"}, "set training.sde = 'edmsde'; got 'vpsde'"),
     ({**EDM, "training.objective": "ict", "eval.enable_bpd": True}, "set eval.enable_bpd = False"),

@@ -154,7 +154,7 @@ NETWORK_CONFIGS = {"mlp": ("default_toy.py", None), "ncsnpp": ("tiny/ncsnpp_ve.p
                    "ddpm": ("tiny/ddpm_vp.py", None), "ncsn": ("tiny/ncsn_ve.py", None),
                    "ncsnv2_64": ("tiny/ncsnv2_ve.py", "ncsnv2_64"), "ncsnv2_128": ("tiny/ncsnv2_ve.py", "ncsnv2_128"),
                    "ncsnv2_256": ("tiny/ncsnv2_ve.py", "ncsnv2_256"),
-                   "dit": ("dit/cifar10_dit.py", None)}
+                   "dit": ("dit/cifar10_dit.py", None), "token_denoiser": ("digits_masked.py", None)}
 
 
 def _network_config(name):
