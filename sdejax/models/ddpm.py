@@ -6,7 +6,7 @@ Top-level submodules are named `all_modules_<i>` in the reference's module-list 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,10 @@ class DDPM(nn.Module):
     conditional=False drops the noise-level embedding (the network never sees `labels`).
 
     With scale_by_sigma the output is divided by σ[labels] (SMLD-style training, integer labels).
+
+    ControlNet hooks (`sdejax.models.controlnet`), all no-ops by default: `control` holds one residual
+    per skip connection hs[i] and a last one for the middle-block output, added before the decoder
+    reads them; `hint` is added to the first conv's features; `features_only` returns (hs, h_mid).
     """
     nf: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
@@ -45,7 +49,8 @@ class DDPM(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
-                 w: Optional[Array] = None) -> Array:
+                 w: Optional[Array] = None, control: Optional[Sequence[Array]] = None,
+                 hint: Optional[Array] = None, features_only: bool = False) -> Any:
         expected = (self.image_size, self.image_size, self.num_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"x must be NHWC of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {x.shape}")
@@ -76,6 +81,8 @@ class DDPM(nn.Module):
 
         h = x if self.centered else 2 * x - 1.0
         hs = [layers.conv(nf, dtype=dt, name=next(names))(h.astype(dt))]
+        if hint is not None:
+            hs[0] = hs[0] + hint.astype(dt)
         for i_level in range(n_res):
             for _ in range(self.num_res_blocks):
                 h = resblock(hs[-1], nf * self.ch_mult[i_level])
@@ -88,6 +95,10 @@ class DDPM(nn.Module):
         h = resblock(hs[-1])
         h = attn(h)
         h = resblock(h)
+        if features_only:
+            return hs, h
+        if control is not None:
+            hs, h = add_control(hs, h, control)
 
         for i_level in reversed(range(n_res)):
             for _ in range(self.num_res_blocks + 1):
@@ -103,3 +114,11 @@ class DDPM(nn.Module):
         if self.scale_by_sigma:
             h = h / conditioning.sigmas_at(labels, self.sigma_min, self.sigma_max, self.num_scales)[:, None, None, None]
         return h
+
+
+def add_control(hs: list[Array], h: Array, control: Sequence[Array]) -> tuple[list[Array], Array]:
+    """(hs[i] + control[i], h + control[-1]): ControlNet's residuals on the skips and the middle block."""
+    if len(control) != len(hs) + 1:
+        raise ValueError(f"control must hold {len(hs) + 1} residuals ({len(hs)} skips + the middle block); "
+                         f"got {len(control)}")
+    return [a + c.astype(a.dtype) for a, c in zip(hs, control)], h + control[-1].astype(h.dtype)
