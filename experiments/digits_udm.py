@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import digits_cold, digits_edm, digits_masked  # noqa: E402
-from sdejax.data import datasets  # noqa: E402
+from digits_consistency import score  # noqa: E402  (this script's folder is on sys.path)
 from sdejax.evaluation import digits_monitor  # noqa: E402
-from sdejax.training import build, modes  # noqa: E402
+from sdejax.training import modes  # noqa: E402
 
 
 def bits(config, workdir) -> dict:
@@ -30,16 +30,6 @@ def bits(config, workdir) -> dict:
     config.eval.enable_bpd, config.eval.num_bpd_batches = True, 0
     s = modes.restored_setup(config, workdir)
     return {"step": int(s.state.step), **modes.heldout_bits_per_dim(s)}
-
-
-def score(config, workdir, n, monitor, out, name) -> dict:
-    """n samples of the run's family sampler, their monitor distance and a grid of the first 100."""
-    s = modes.restored_setup(config, workdir)
-    x, info = modes.draw_samples(s, config.sampling.method, n, build.stream_key(config, "sample"))
-    images = np.clip(np.asarray(datasets.get_data_inverse_scaler(config)(x), np.float32), 0, 1)
-    modes.save_samples(s, out / name, {"samples": x[:100]})
-    return {"name": name, "step": int(s.state.step), "nfe": info["nfe"], "sample_wall_s": info["wall_s"],
-            "digits_frechet_distance": float(monitor(images))}
 
 
 def main() -> None:

@@ -27,13 +27,18 @@ def load_config(relative_path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Set dotted keys ("training.batch_size", "seed") in place; returns `config`."""
+def override(config: ml_collections.ConfigDict, overrides: dict[str, Any],
+             any_type: bool = False) -> ml_collections.ConfigDict:
+    """Set dotted keys ("training.batch_size", "seed") in place; returns `config`. With `any_type` a
+    key is replaced by a value of any type, as a config file may write it (plain assignment and
+    `--config.key=...` overrides are type-checked by ml_collections)."""
     for key, value in overrides.items():
         *sections, name = key.split(".")
         node = config
         for section in sections:
             node = node[section]
+        if any_type and name in node:
+            del node[name]
         node[name] = value
     return config
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from configs_helper import ROOT, load_config, tiny_config
+from configs_helper import ROOT, load_config, override, tiny_config
 
 from sdejax.training import config as config_lib, objective
 from sdejax.training import state as state_lib
@@ -102,24 +102,10 @@ BAD_VALUES = [
 ]
 
 
-def _with_value(key: str, value):
-    """The tiny config with `key` replaced by `value` of any type (as a config file may write it;
-    `--config.key=...` overrides are type-checked by ml_collections)."""
-    config = tiny_config()
-    *sections, name = key.split(".")
-    node = config
-    for section in sections:
-        node = node[section]
-    if name in node:
-        del node[name]
-    node[name] = value
-    return config
-
-
 @pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
 def test_bad_value_names_key_and_range(key, value, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.check_config(_with_value(key, value))
+        config_lib.check_config(override(tiny_config(), {key: value}, any_type=True))
 
 
 def test_every_rule_has_a_bad_value_test():

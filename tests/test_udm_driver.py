@@ -4,6 +4,8 @@ the library's (`sdejax.udm`, `sdejax.degradations`) on the same parameters and k
 and for the Gaussian instance of the run's SDE; the maths is tested in test_udm. Config errors too."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,13 +51,8 @@ def runs(tmp_path_factory):
 ])
 def test_udm_config_errors(overrides, message):
     config = digits_cold.get_config()
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        if name in config[section]:
-            del config[section][name]
-        config[section][name] = value
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
-                       .replace(")", r"\)")):
+    override(config, overrides, any_type=True)
+    with pytest.raises(ValueError, match=re.escape(message)):
         config_lib.check_config(config)
 
 

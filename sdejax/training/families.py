@@ -187,7 +187,7 @@ CONSISTENCY_FAMILY = Family(_consistency_sampler, lambda config: (CONSISTENCY,),
                             method_name=lambda s, method: CONSISTENCY)
 PROGRESSIVE = Family(lambda s, method, n, shape: _score_sampler(s, "ddim", n, shape), lambda config: ("ddim",),
                      sampled_params=lambda state: state.target_params,
-                     method_name=lambda s, method: f"ddim{build.sampler_options(s.config, int(s.state.step))['num_steps'] - 1}")
+                     method_name=lambda s, method: f"ddim{build.pd_sampling_steps(s.config, int(s.state.step))}")
 UDM = Family(_udm_sampler, lambda config: ("udm",), method_name=lambda s, method: "udm")
 MASKED = Family(_masked_sampler, lambda config: (ANCESTRAL,), method_name=lambda s, method: ANCESTRAL,
                 nll_bits=_masked_bits)
