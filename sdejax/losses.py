@@ -114,7 +114,8 @@ def _check_conditioning(num_classes: int, p_uncond: float) -> None:
 
 def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma, precond: Precond, weight,
                       reduce_mean, cond: dict):
-    """weight · reduce(‖F − F_target‖²) per example, x_t = α x_0 + σ z, F_target from the target of
+    """reduce(weight ⊙ (F − F_target)²) per example (weight per example or, for a per-dimension
+    schedule, per dimension), x_t = α x_0 + σ z, F_target from the target of
     kind `precond.output` (`Precond.target_F`; the plain network output and its target otherwise);
     `cond` holds the class labels of a conditional network."""
     a, s = batch_broadcast(alpha, x0), batch_broadcast(sigma, x0)
@@ -125,7 +126,7 @@ def _denoising_losses(params, apply_fn, train, rng, x0, z, labels, alpha, sigma,
     target = x0 if kind == "x0" else from_eps(kind, z, xt, alpha, sigma)
     if precond.sigma_data is not None:
         target = precond.target_F(target, xt, alpha, sigma)
-    return weight * _reduce(jnp.square(out - target), reduce_mean)
+    return _reduce(batch_broadcast(weight, out) * jnp.square(out - target), reduce_mean)
 
 
 def log_snr_inverse_cdf(sde: SDE, eps: float, n: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +233,7 @@ def get_sde_loss_fn(
         z = _per_example_normal(z_keys, x0)
         cond = _class_conditioning(batch, t_keys, num_classes, p_uncond)
         losses = _denoising_losses(params, apply_fn, train, net_rng, x0, z, labels, alpha, sigma,
-                                   precond, weight * time_weight, reduce_mean, cond)
+                                   precond, weight * batch_broadcast(time_weight, weight), reduce_mean, cond)
         return jnp.mean(losses), {"losses": losses, "t": t}
 
     return loss_fn
