@@ -32,7 +32,7 @@ setup(
     extras_require={
         # tf.data input stack and `tfds build` of image datasets (TFDS encodes PNGs with TensorFlow).
         "tf": ["tensorflow-cpu>=2.21"],
-        "test": ["tensorflow-cpu>=2.21", "pytest>=8", "pytest-timeout", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ruff>=0.6"],
+        "test": ["tensorflow-cpu>=2.21", "pytest>=8", "pytest-timeout", "pytest-xdist>=3", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ruff>=0.6"],
     },
     entry_points={"console_scripts": ["sdejax=sdejax.cli:run"]},
 )

@@ -12,12 +12,14 @@ __all__ = ["ROOT", "assert_states_equal", "free_port", "state_leaves", "run_cli"
 
 
 def subprocess_env(**extra) -> dict:
-    """Environment for a child JAX process: the test cache (conftest's settings), CPU only, and
-    `tests/` on the path (so a child script can import these helpers)."""
+    """Environment for a child JAX process: the test cache and XLA flags (conftest's settings; an
+    `XLA_FLAGS` in `extra` is appended), CPU only, and `tests/` on the path (so a child script can
+    import these helpers)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
                JAX_COMPILATION_CACHE_DIR=os.environ.get("SDEJAX_TEST_CACHE", str(ROOT / ".jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env.update(extra)
+    flags = " ".join(f for f in (os.environ.get("XLA_FLAGS"), extra.pop("XLA_FLAGS", None)) if f)
+    env.update(extra, **({"XLA_FLAGS": flags} if flags else {}))
     return env
 
 

@@ -77,7 +77,7 @@ def test_sharded_features_on_emulated_devices_equal_one_shot():
     """4 emulated CPU devices (own process): padded, sharded batches give the one-shot statistics."""
     script = textwrap.dedent("""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
         import jax, jax.numpy as jnp, numpy as np
         from sdejax.evaluation import features, stats
         assert jax.device_count() == 4
