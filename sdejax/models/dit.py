@@ -13,7 +13,7 @@ interpolation of Nichol & Dhariwal); sdejax's losses use C, so configs keep lear
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,6 +79,14 @@ def _modulate(h: Array, shift: Array, scale: Array) -> Array:
     return h * (1 + scale[:, None]) + shift[:, None]
 
 
+def _as_tokens(hint: Array, tokens: Array) -> Array:
+    """A ControlNet hint (B, H/p, W/p, D) on the patch grid, or tokens (B, T, D), shaped like `tokens`."""
+    b, t, d = tokens.shape
+    if hint.shape[0] != b or hint.shape[-1] != d or hint.size != tokens.size:
+        raise ValueError(f"hint must be (B, H/p, W/p, hidden) or tokens {tokens.shape}; got {hint.shape}")
+    return hint.reshape(tokens.shape).astype(tokens.dtype)
+
+
 def _zero_dense(features: int, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(features, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
                     dtype=dtype, name=name)
@@ -107,7 +115,13 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     """DiT-{S,B,L,XL}/p; `__call__(x, labels, y=None, train=False)` → (B, H, W, C or 2C). `shape` =
-    (depth, hidden_size, num_heads) overrides the named size (tiny models for tests)."""
+    (depth, hidden_size, num_heads) overrides the named size (tiny models for tests).
+
+    ControlNet hooks (`sdejax.models.controlnet`), all no-ops by default: `control` holds residuals for
+    the first len(control) blocks, control[i] added to block i's output before the next block reads it;
+    `hint` (B, H/p, W/p, hidden) on the patch grid (or tokens (B, T, hidden)) is added to the input
+    tokens; `features_only` returns the list of the blocks' output tokens (B, T, hidden).
+    """
 
     image_size: int
     num_channels: int
@@ -120,29 +134,46 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32
     shape: Optional[tuple[int, int, int]] = None
 
-    @nn.compact
-    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
-                 w: Optional[Array] = None) -> Array:
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(depth, hidden_size, num_heads): `shape`, else the named size's."""
         if self.shape is None and self.size not in SIZES:
             raise ValueError(f"DiT size {self.size!r} is not valid; choose from {sorted(SIZES)}")
+        return tuple(self.shape or SIZES[self.size])
+
+    @nn.compact
+    def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
+                 w: Optional[Array] = None, control: Optional[Sequence[Array]] = None,
+                 hint: Optional[Array] = None, features_only: bool = False) -> Any:
+        depth, hidden, heads = self.dims
         expected = (self.image_size, self.image_size, self.num_channels)
         if x.ndim != 4 or x.shape[1:] != expected:
             raise ValueError(f"x must be NHWC of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {x.shape}")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {labels.shape}")
-        depth, hidden, heads = self.shape or SIZES[self.size]
+        control = [] if control is None else list(control)
+        if len(control) > depth:
+            raise ValueError(f"control holds {len(control)} residuals for a DiT of depth {depth}")
         p, grid = self.patch_size, self.image_size // self.patch_size
         xavier = nn.initializers.xavier_uniform()
         h = nn.Dense(hidden, dtype=self.dtype, kernel_init=xavier, name="patch_embed")(patchify(x, p))
         h = h + jnp.asarray(sincos_2d(hidden, grid, grid), h.dtype)[None]
+        if hint is not None:
+            h = h + _as_tokens(hint, h)
         temb = timestep_embedding(labels, 256)
         temb = nn.Dense(hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="t_embed_0")(temb)
         c = nn.Dense(hidden, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
                      name="t_embed_1")(nn.silu(temb))
         c = conditioning.add_class_embedding(c, y, self.num_classes, self.dtype)
         c = conditioning.add_guidance_embedding(c, w, self.guidance_embedding, 256, dtype=self.dtype)
+        states = []
         for i in range(depth):
             h = DiTBlock(hidden, heads, self.mlp_ratio, self.dtype, name=f"block_{i}")(h, c)
+            if i < len(control):
+                h = h + control[i].astype(h.dtype)
+            states.append(h)
+        if features_only:
+            return states
         shift, scale = jnp.split(_zero_dense(2 * hidden, self.dtype, "final_adaLN")(nn.silu(c)), 2, axis=-1)
         out_ch = self.num_channels * (2 if self.learn_sigma else 1)
         h = _zero_dense(p * p * out_ch, self.dtype, "final_linear")(_modulate(h, shift, scale))

@@ -10,7 +10,7 @@ parameter-free ones included, so torch checkpoints convert one to one.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdejax.models import conditioning, layers
+from sdejax.models.ddpm import add_control
 
 Array = jax.Array
 
@@ -34,7 +35,12 @@ def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 class NCSNpp(nn.Module):
-    """NCSN++ / DDPM++ score network. Call: (x NHWC, labels (B,), y=None, train=False) -> NHWC."""
+    """NCSN++ / DDPM++ score network. Call: (x NHWC, labels (B,), y=None, train=False) -> NHWC.
+
+    ControlNet hooks (`sdejax.models.controlnet`), all no-ops by default: `control` holds one residual
+    per skip connection hs[i] and a last one for the middle-block output, added before the decoder
+    reads them; `hint` is added to the first conv's features; `features_only` returns (hs, h_mid).
+    """
     nf: int = 128
     ch_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 4
@@ -80,7 +86,8 @@ class NCSNpp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, labels: Array, y: Optional[Array] = None, train: bool = False,
-                 w: Optional[Array] = None) -> Array:
+                 w: Optional[Array] = None, control: Optional[Sequence[Array]] = None,
+                 hint: Optional[Array] = None, features_only: bool = False) -> Any:
         self._validate(x, labels)
         names = (f"all_modules_{i}" for i in itertools.count())
         act = layers.get_act(self.nonlinearity)
@@ -134,6 +141,8 @@ class NCSNpp(nn.Module):
         # Downsampling path.
         input_pyramid = x if self.progressive_input != "none" else None
         hs = [layers.conv(nf, dtype=dt, name=next(names))(x)]
+        if hint is not None:
+            hs[0] = hs[0] + hint.astype(dt)
         for i_level in range(n_res):
             for _ in range(self.num_res_blocks):
                 h = resblock(hs[-1], nf * self.ch_mult[i_level])
@@ -160,6 +169,10 @@ class NCSNpp(nn.Module):
         h = resblock(hs[-1])
         h = attn(h)
         h = resblock(h)
+        if features_only:
+            return hs, h
+        if control is not None:
+            hs, h = add_control(hs, h, control)
 
         # Upsampling path.
         pyramid = None
