@@ -29,7 +29,7 @@ Array = jax.Array
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCH_SIZES = (2, 4, 8)
 CONFIG_KEYS = frozenset({"size", "patch_size", "mlp_ratio", "learn_sigma", "num_classes", "guidance_embedding",
-                         "dtype"})
+                         "dtype", "shape"})
 
 
 def _check_patch(shape: tuple[int, ...], p: int) -> None:

@@ -84,15 +84,21 @@ def _ncsn(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def _dit(config: ml_collections.ConfigDict) -> nn.Module:
-    """DiT of `config.model` (`dit.CONFIG_KEYS`): size S/B/L/XL, patch_size 2/4/8."""
+    """DiT of `config.model` (`dit.CONFIG_KEYS`): size S/B/L/XL, patch_size 2/4/8; `shape` = (depth,
+    hidden_size, num_heads), if set, overrides the size (small models)."""
     m, d = config.model, config.data
+    shape = m.get("shape")
+    if shape is not None and (len(shape) != 3 or any(int(v) != v or v < 1 for v in shape) or shape[1] % shape[2]):
+        raise ValueError(f"model.shape must be (depth, hidden_size, num_heads) of positive ints with num_heads "
+                         f"dividing hidden_size; got {shape!r}")
     dtype_name = m.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"model.dtype = {dtype_name!r} is not valid; choose from {sorted(DTYPES)}")
     return dit.DiT(image_size=d.image_size, num_channels=d.num_channels, size=m.get("size", "S"),
                    patch_size=m.get("patch_size", 2), mlp_ratio=float(m.get("mlp_ratio", 4.0)),
                    learn_sigma=m.get("learn_sigma", False), num_classes=m.get("num_classes", 0),
-                   guidance_embedding=m.get("guidance_embedding", False), dtype=DTYPES[dtype_name])
+                   guidance_embedding=m.get("guidance_embedding", False), dtype=DTYPES[dtype_name],
+                   shape=None if shape is None else tuple(int(v) for v in shape))
 
 
 def _token_denoiser(config: ml_collections.ConfigDict) -> nn.Module:
