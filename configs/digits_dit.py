@@ -1,6 +1,6 @@
 """A small DiT on the 16x16 digits pixels (patch 2: 64 tokens), trained like `configs/digits_edm.py`'s
 U-Net (EDM schedule and preconditioning, ln σ ~ N(−1.2, 1.2²), x₀-prediction, batch 64) so the two
-sit side by side: depth 6, width 128, 4 heads (`model.shape`), 1.86 M parameters — CPU-sized,
+sit side by side: depth 4, width 128, 4 heads (`model.shape`), 1.27 M parameters — CPU-sized,
 not one of the paper's S/B/L/XL. Sampled with EDM's Heun, 18 steps = 35 NFE.
 
     sdejax --config=configs/digits_dit.py --workdir=runs/digits_dit
@@ -15,7 +15,7 @@ def get_config():
     model = config.model
     for key in set(model) & (registry.UNET_KEYS | registry.NCSNPP_KEYS | {"nonlinearity"}):  # the U-Net's keys
         del model[key]
-    model.shape = (6, 128, 4)
+    model.shape = (4, 128, 4)
     model.ema_rate = 0.999
     config.optim.lr = 3e-4
     return config

@@ -92,16 +92,16 @@ def test_registry_builds_dit_and_apply_fn_convention():
 
 
 def test_config_shape_overrides_the_size():
-    """`model.shape = (depth, hidden, heads)` builds that DiT (configs/digits_dit.py: 6 blocks of width 128);
+    """`model.shape = (depth, hidden, heads)` builds that DiT (configs/digits_dit.py: 4 blocks of width 128);
     a malformed shape names the key. Parameters (eval_shape) against a hand count, D = 128, p²C = 4: patch
     embedding p²C·D + D, time embedding 256·D + D + D² + D, per block 18D² + 15D (q, k, v, out 4D² + 4D;
     MLP 8D² + 5D; adaLN 6D² + 6D), final layer 2D² + 2D (adaLN) + D·p²C + p²C."""
     from configs import digits_dit
     config = digits_dit.get_config()
     model = registry.get_model(config)
-    assert model.dims == (6, 128, 4)
+    assert model.dims == (4, 128, 4)
     d, pc = 128, 4
-    expected = (pc * d + d) + (256 * d + d + d * d + d) + 6 * (18 * d * d + 15 * d) + (2 * d * d + 2 * d + d * pc + pc)
+    expected = (pc * d + d) + (256 * d + d + d * d + d) + 4 * (18 * d * d + 15 * d) + (2 * d * d + 2 * d + d * pc + pc)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,))))
     assert registry.count_params(shapes) == expected
     for bad in ((6, 128), (6, 130, 4), (0, 128, 4)):
