@@ -1,4 +1,4 @@
-"""Command line: `sdejax --config=CONFIG.py --workdir=DIR --mode=train|eval|sample|fid_stats`.
+"""Command line: `sdejax --config=CONFIG.py --workdir=DIR --mode=train|eval|sample|fid_stats|train_classifier|train_autoencoder`.
 
 Without `--config` the quick-start config `configs/default_toy.py` of the source checkout is used
 (train an MLP score model on the 2-D two-mode mixture, then write samples, bits/dim and
@@ -21,14 +21,16 @@ from ml_collections import config_flags
 
 CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = CHECKOUT / "configs" / "default_toy.py"
-MODES = ("train", "eval", "sample", "fid_stats", "train_classifier")
+MODES = ("train", "eval", "sample", "fid_stats", "train_classifier", "train_autoencoder")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (ml_collections).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and metrics.")
 flags.DEFINE_enum("mode", "train", list(MODES), "Run mode: train, eval, sample, fid_stats (reference "
                   "Inception statistics of config.eval.fid_split for FID/KID), or train_classifier (the "
-                  "noise-conditional classifier of config.classifier, for sampling.classifier_scale).")
+                  "noise-conditional classifier of config.classifier, for sampling.classifier_scale), or "
+                  "train_autoencoder (the autoencoder of config.autoencoder and its latent scale, for a latent "
+                  "diffusion run with config.latent).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -51,10 +53,11 @@ def main(argv) -> None:
                                     auto=FLAGS.distributed)
 
     from sdejax.evaluation import workflow
-    from sdejax.training import classifier_mode, modes, trainer
+    from sdejax.training import autoencoder_mode, classifier_mode, modes, trainer
 
     run_mode = {"train": trainer.train_model, "eval": modes.run_eval, "sample": modes.run_sample,
-                "fid_stats": workflow.fid_stats, "train_classifier": classifier_mode.train_classifier}[FLAGS.mode]
+                "fid_stats": workflow.fid_stats, "train_classifier": classifier_mode.train_classifier,
+                "train_autoencoder": autoencoder_mode.train_autoencoder}[FLAGS.mode]
     allow = {} if FLAGS.mode == "fid_stats" else {"allow_config_change": tuple(FLAGS.allow_config_change)}
     result = run_mode(FLAGS.config, FLAGS.workdir, **allow)
     import jax  # pylint: disable=import-outside-toplevel

@@ -102,14 +102,38 @@ BAD_VALUES = [
 ]
 
 
+# keys of the optional sections of latent diffusion, checked on configs/digits_ldm.py
+LATENT_BAD_VALUES = [
+    ("autoencoder.f", 16, r"autoencoder.f must be 2, 4 or 8 \(the downsampling factor\); got 16"),
+    ("autoencoder.latent_channels", 0, rf"autoencoder.latent_channels {INT_1}; got 0"),
+    ("autoencoder.features", 6, r"autoencoder.features must be a multiple of 4 >= 4 \(GroupNorm groups of 4"),
+    ("autoencoder.channel_mult", (1, 0), r"autoencoder.channel_mult must be None or a sequence of integers >= 1"),
+    ("autoencoder.num_res_blocks", -1, r"autoencoder.num_res_blocks must be an integer >= 0; got -1"),
+    ("autoencoder.n_iters", 0, r"autoencoder.n_iters must be an integer >= 1 \(the autoencoder's training steps\)"),
+    ("autoencoder.batch_size", 0, rf"autoencoder.batch_size {INT_1}; got 0"),
+    ("autoencoder.lr", 0.0, r"autoencoder.lr must be in \(0, inf\); got 0.0"),
+    ("autoencoder.beta", -1e-6, r"autoencoder.beta must be in \[0, inf\); got -1e-06"),
+    ("autoencoder.scale_batches", 0, r"autoencoder.scale_batches must be an integer >= 1 \(training batches"),
+    ("latent.use_mean", 1, r"latent.use_mean must be True or False; got 1"),
+    ("latent.autoencoder_workdir", "", r"latent.autoencoder_workdir must be None \(<workdir>/autoencoder\) or a "
+                                       r"non-empty path; got ''"),
+]
+
+
 @pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
 def test_bad_value_names_key_and_range(key, value, message):
     with pytest.raises(ValueError, match=message):
         config_lib.check_config(override(tiny_config(), {key: value}, any_type=True))
 
 
+@pytest.mark.parametrize("key,value,message", LATENT_BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in LATENT_BAD_VALUES])
+def test_bad_latent_value_names_key_and_range(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.check_config(override(load_config("digits_ldm.py"), {key: value}, any_type=True))
+
+
 def test_every_rule_has_a_bad_value_test():
-    assert set(config_lib.VALUE_RULES) == {key for key, _, _ in BAD_VALUES}
+    assert set(config_lib.VALUE_RULES) == {key for key, _, _ in BAD_VALUES + LATENT_BAD_VALUES}
 
 
 @pytest.mark.parametrize("key,value", [("training.grad_accum_steps", 4), ("training.snapshot_freq", 0),

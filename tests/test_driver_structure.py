@@ -1,5 +1,5 @@
 """The driver's seams: the DataSource protocol on toy data and on the digits (labels "y" equal to the
-dataset's), the objective's context (the true step and EMA params reach it), per-network declared
+dataset's; samples are data and bits/dim are reported as they are, unlike a latent source's), the objective's context (the true step and EMA params reach it), per-network declared
 `config.model` keys (a misspelled key names itself and the valid ones; every builder reads only its
 declared keys; shipped configs carry no unread model key), and `--mode=eval` over a range of
 checkpoints (`eval.begin_ckpt` / `eval.end_ckpt`)."""
@@ -40,6 +40,8 @@ def test_toy_source_protocol(tmp_path):
     assert abs(true["bits_per_dim"] - 2.408) < 0.02  # H(0.2, 0.8) + log(2πe) nats, in bits/dim
     src.save(tmp_path / "toy", {"pc": chunk["x"][0]})
     assert (tmp_path / "toy.png").stat().st_size > 0 and src.tensorboard_image(chunk["x"][0]) is None
+    x = chunk["x"][0]
+    assert src.decode(x) is x and src.describe_bits({"bits_per_dim": 1.0}) == {"bits_per_dim": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,9 @@ def test_digits_source_protocol_and_labels(digits_config, tmp_path):
     assert src.true_entropy_bits_per_dim(jax.random.PRNGKey(0), 10) is None
     src.save(tmp_path / "grid", {"samples": chunk["x"][0][:4]})
     assert src.tensorboard_image(chunk["x"][0][:4]).shape == (35, 35, 1)  # 2x2 grid of 16x16, 1-pixel borders
+    x = chunk["x"][0]
+    assert src.decode(x) is x  # pixel samples are data (a latent source decodes)
+    assert src.describe_bits({"bits_per_dim": 1.0}) == {"bits_per_dim": 1.0}
 
 
 @pytest.mark.parametrize("p_uncond", [0.0, 1.0])

@@ -30,11 +30,12 @@ from sdejax.data import transforms
 from sdejax.models import convert_flax, lora, mlp, registry
 from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
-from sdejax.training import conditioning, sources, state as state_lib
+from sdejax.training import conditioning, latent, sources, state as state_lib
 
 Array = jax.Array
 
-STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6, "monitor": 7}
+STREAMS = {"init": 0, "state": 1, "split": 2, "batches": 3, "eval": 4, "sample": 5, "entropy": 6, "monitor": 7,
+           "latent": 8, "autoencoder": 9}
 SDE_PARAMS = {"vesde": ("sigma_min", "sigma_max"), "vpsde": ("beta_min", "beta_max"),
               "subvpsde": ("beta_min", "beta_max"), "cosinevpsde": (), "edmsde": ("sigma_min", "sigma_max")}
 DISCRETE_LOSSES = {"vesde": losses.get_smld_loss_fn, "vpsde": losses.get_ddpm_loss_fn}
@@ -56,8 +57,9 @@ def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
 
 def build_model(config: ml_collections.ConfigDict, rng: Array, x: Array) -> tuple[Callable[..., Array], Any]:
     """(apply_fn, variables) for `config.model.name`: "mlp" (`sdejax.models.mlp`, initialised on
-    the example `x[:1]`), every other name from the U-Net registry `sdejax.models.registry`."""
-    name = config.model.name
+    the example `x[:1]`), every other name from the U-Net registry `sdejax.models.registry`, on the data's
+    shape (a latent run's: `latent.network_config`)."""
+    config, name = latent.network_config(config), config.model.name
     if name == "mlp":
         model = mlp.from_config(config)
         return mlp.make_apply_fn(model), model.init({"params": rng}, x[:1], jnp.ones((1,), x.dtype),
@@ -438,13 +440,16 @@ def _initial_state(config: ml_collections.ConfigDict, variables: Any, tx,
 
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_config_change: tuple[str, ...] = (),
           step: int | None = None) -> Setup:
-    """Check the config, build SDE/data/model/optimizer/placement, and restore the newest intact
+    """Check the config, build SDE/data (a latent run's encoded by its autoencoder, `latent.source`)/
+    model/optimizer/placement, and restore the newest intact
     checkpoint (or the one at `step`), state and data-iterator position, if any; its config must
     match this one outside `checkpoint.MAY_CHANGE` and the keys named in `allow_config_change`."""
     config_lib.check_config(config)
     placement = parallel.get_placement(config.training.get("parallelism", "jit"))
     sde = build_sde(config)
-    data = sources.get_source(config, stream_key(config, "split"), stream_key(config, "batches"))
+    data = latent.source(config, workdir, sources.get_source(config, stream_key(config, "split"),
+                                                             stream_key(config, "batches")),
+                         stream_key(config, "latent"), allow_config_change)
     check_classes(config, data)
     check_tokens(config, data)
     apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))

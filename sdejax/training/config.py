@@ -21,7 +21,7 @@ from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
 from sdejax.sampling import masked as masked_sampling, methods, pc
-from sdejax.training import conditioning, parallel, state
+from sdejax.training import conditioning, latent, parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "training": {"batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq",
@@ -126,7 +126,11 @@ OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_wo
                   "training.blur_sigma_max": ("udm",), "training.blur_schedule": ("udm",), "training.mask_fill": ("udm",),
                   "training.mask_seed": ("udm",), "sampling.udm_rule": ("udm",), "sampling.udm_prior_noise": ("udm",)}
 LORA_KEYS = ("lora_alpha", "lora_targets")  # read only with training.lora_rank
-OPTIONAL_TOP_LEVEL = {"classifier"}  # the network of --mode=train_classifier (sdejax.models.classifier)
+OPTIONAL_TOP_LEVEL = {"classifier", "autoencoder", "latent"}  # the network of --mode=train_classifier
+# (sdejax.models.classifier); latent diffusion's autoencoder (--mode=train_autoencoder) and, when present, the
+# latent run's settings (sdejax.training.latent), with their (valid, required) keys:
+OPTIONAL_SECTIONS = {"autoencoder": (set(latent.AUTOENCODER_KEYS), set(latent.AUTOENCODER_REQUIRED)),
+                     "latent": (set(latent.LATENT_DEFAULTS), set())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +255,22 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.beta2": interval(0.0, 1.0, "[)"),
     "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
+    "autoencoder.f": Rule("2, 4 or 8 (the downsampling factor)", lambda v: _is_int(v) and v in (2, 4, 8)),
+    "autoencoder.latent_channels": at_least(1),
+    "autoencoder.features": Rule("a multiple of 4 >= 4 (GroupNorm groups of 4 channels)",
+                                 lambda v: _is_int(v) and v >= 4 and v % 4 == 0),
+    "autoencoder.channel_mult": Rule("None or a sequence of integers >= 1 (widths features·m per level)",
+                                     lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0
+                                                             and all(_is_int(m) and m >= 1 for m in v))),
+    "autoencoder.num_res_blocks": at_least(0),
+    "autoencoder.n_iters": at_least(1, "the autoencoder's training steps"),
+    "autoencoder.batch_size": at_least(1),
+    "autoencoder.lr": POSITIVE,
+    "autoencoder.beta": NON_NEGATIVE,
+    "autoencoder.scale_batches": at_least(1, "training batches the latent scale is estimated on"),
+    "latent.use_mean": BOOL,
+    "latent.autoencoder_workdir": Rule("None (<workdir>/autoencoder) or a non-empty path",
+                                       lambda v: v is None or (isinstance(v, str) and bool(v))),
     "training.sde": Rule(f"one of {sorted(sde_lib.SDES)}", lambda v: isinstance(v, str) and v.lower() in sde_lib.SDES,
                          tuple(sorted(sde_lib.SDES))),
     "seed": Rule("an integer", _is_int),
@@ -438,15 +458,43 @@ def model_keys(name: str) -> frozenset[str]:
     return NETWORK_KEYS[name] | SHARED_MODEL_KEYS
 
 
+def check_latent(config: ml_collections.ConfigDict) -> None:
+    """An autoencoder encodes images whose size f divides, with log2 f + 1 channel multipliers; a latent run
+    (`config.latent`) needs one, and no classifier guidance (the classifier of --mode=train_classifier
+    sees pixels)."""
+    if "latent" in config and "autoencoder" not in config:
+        raise ValueError("config.latent (latent diffusion) needs config.autoencoder, the autoencoder of "
+                         "--mode=train_autoencoder whose latents the model learns")
+    if "autoencoder" not in config:
+        return
+    a = config.autoencoder
+    if config.data.dataset not in data_registry.DATASETS:
+        raise ValueError(f"config.autoencoder encodes images; data.dataset = {config.data.dataset!r} is not an "
+                         f"image dataset (valid: {sorted(data_registry.DATASETS)})")
+    if config.data.image_size % a.f:
+        raise ValueError(f"autoencoder.f = {a.f} must divide data.image_size = {config.data.image_size}")
+    if a.get("channel_mult", None) is not None and len(a.channel_mult) != a.f.bit_length():
+        raise ValueError(f"autoencoder.channel_mult needs log2(f) + 1 = {a.f.bit_length()} entries for f = {a.f}; "
+                         f"got {tuple(a.channel_mult)}")
+    if "latent" in config and conditioning.settings(config)["classifier_scale"] > 0:
+        raise ValueError("sampling.classifier_scale > 0: classifier guidance of a latent model would need a "
+                         "classifier of the latents; the classifier of --mode=train_classifier sees pixels")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming any unknown or missing key (`config.model`'s against `model_keys` of
-    `model.name`), any value out of its range (`check_values`) or a setting the objective cannot use
-    (`check_objective`)."""
+    `model.name`; the optional sections' against `OPTIONAL_SECTIONS`), any value out of its range
+    (`check_values`) or a setting the objective (`check_objective`) or latent diffusion (`check_latent`)
+    cannot use."""
     _check_keys("config", set(config.keys()), TOP_LEVEL | OPTIONAL_TOP_LEVEL, TOP_LEVEL)
     for section, required in REQUIRED_KEYS.items():
         valid, owner = VALID_KEYS.get(section), ""
         if section == "model" and "name" in config.model:
             valid, owner = model_keys(config.model.name), f" for model.name={config.model.name!r}"
         _check_keys(section, set(config[section].keys()), valid, required, owner)
+    for section, (valid, required) in OPTIONAL_SECTIONS.items():
+        if section in config:
+            _check_keys(section, set(config[section].keys()), valid, required)
     check_values(config)
     check_objective(config)
+    check_latent(config)

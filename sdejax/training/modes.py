@@ -78,7 +78,8 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
     model by `method` (any name in `sdejax.sampling.methods.METHODS`, with the options config.sampling
     gives it); a consistency model by multistep consistency sampling, a progressively distilled one by
     DDIM with θ⁻ on its step count, a masked-diffusion model by ancestral unmasking, whatever `method`.
-    Compiled once; also returns the compile time.
+    Samples are data: the source decodes them (`DataSource.decode`: a latent model's x = D(z/s)). Compiled
+    once; also returns the compile time.
 
     By default one global program over the mesh (samples sharded over all devices of all processes
     when n divides; every process must pass the same rng); `local=True` runs on this process's
@@ -96,7 +97,12 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
     out_sharding = NamedSharding(mesh, P(parallel.AXIS) if n % mesh.size == 0 else P())
     compiled, compile_s = _compiled(s, f"sample/{method}/{n}/{local}", sample, params, classifier_params,
                                     jax.random.PRNGKey(0), out_shardings=(out_sharding, NamedSharding(mesh, P())))
-    return (lambda rng: compiled(params, classifier_params, rng)), compile_s
+
+    def sampler(rng):
+        x, nfe = compiled(params, classifier_params, rng)
+        return s.data.decode(x), nfe
+
+    return sampler, compile_s
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
@@ -131,7 +137,8 @@ def heldout_bits_per_dim(s: Setup) -> dict:
     PF-ODE likelihood of a score model, the NELBO bound of masked diffusion; mean and standard
     error, NFE and wall time; batches sharded over the mesh. Quantised data count the discrete NLL
     over the source's levels (L = 17 for the digits, so their bits/dim are not comparable with 8-bit
-    images')."""
+    images'). As the source reports them (`DataSource.describe_bits`): a latent model's are
+    `latent_bits_per_dim` of its latents, not of pixels."""
     e, nll_bits = s.config.eval, families.family(s.config).nll_bits(s)
     batch_size = min(e.batch_size, np.shape(s.data.heldout["x"])[0] * jax.process_count())
     params = s.placement.on_mesh(s.state.ema_params)
@@ -150,9 +157,10 @@ def heldout_bits_per_dim(s: Setup) -> dict:
         raise ValueError("no held-out batch: set data.num_heldout (toy) or eval.batch_size (images) so that "
                          "at least one full eval batch exists")
     bits = np.concatenate(bits)
-    return {"bits_per_dim": float(bits.mean()), "bits_per_dim_se": float(bits.std() / np.sqrt(bits.size)),
-            "num_points": int(bits.size), "nfe_per_batch": float(np.mean(nfes)), "compile_s": compile_s,
-            "wall_s": time.perf_counter() - start}
+    out = {"bits_per_dim": float(bits.mean()), "bits_per_dim_se": float(bits.std() / np.sqrt(bits.size)),
+           "num_points": int(bits.size), "nfe_per_batch": float(np.mean(nfes)), "compile_s": compile_s,
+           "wall_s": time.perf_counter() - start}
+    return s.data.describe_bits(out)
 
 
 def eval_metrics(s: Setup) -> dict:
@@ -255,8 +263,9 @@ def _evaluate_restored(s: Setup, workdir: pathlib.Path, writer: MetricWriter) ->
     out = eval_metrics(s)
     if s.data.supports_fid and s.config.eval.enable_sampling:
         out["sample_quality"] = sample_quality(s, workdir)
-    writer.scalars(out["step"], {f"eval/{k}": v for k, v in (("heldout_loss", out.get("heldout_loss")),
-                   ("bits_per_dim", out.get("heldout", {}).get("bits_per_dim"))) if v is not None})
+    bits = {k: v for k, v in out.get("heldout", {}).items() if k.endswith("bits_per_dim")}
+    writer.scalars(out["step"], {f"eval/{k}": v for k, v in (("heldout_loss", out.get("heldout_loss")), *bits.items())
+                                 if v is not None})
     return out
 
 

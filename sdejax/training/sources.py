@@ -1,6 +1,7 @@
 """Data sources of the driver: one `DataSource` protocol, implemented by toy distributions
 (`ToySource`, `sdejax.data.toy`) and TFDS image datasets (`ImageSource`, `sdejax.data.datasets`),
-so that training, evaluation and sampling never ask which kind of data they hold.
+and wrapped by latent diffusion's encoded source (`sdejax.training.latent.LatentSource`), so that
+training, evaluation and sampling never ask which kind of data they hold.
 
 Batches are dicts: "x" (the model's range) and, for a labelled source (`num_classes > 0`), "y"
 (int32 class labels). Every array holds this process's rows only; `Placement` makes global arrays
@@ -63,6 +64,14 @@ class DataSource(Protocol):
     def tensorboard_image(self, x: np.ndarray) -> Optional[np.ndarray]:
         """A uint8 HWC picture of samples `x` for TensorBoard, or None."""
 
+    def decode(self, x: Array) -> Array:
+        """Samples of the model's space as data in the model's range: `x` itself, or a latent source's
+        decoded D(z/s) (`sdejax.training.latent`)."""
+
+    def describe_bits(self, bits: dict) -> dict:
+        """The held-out bits/dim report as this source's model measures it: `bits` itself, or a latent
+        source's under `latent_bits_per_dim` keys with a note."""
+
 
 def process_rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
     """This process's block of rows [p·n/P, (p+1)·n/P) along `axis` of a global batch."""
@@ -120,6 +129,12 @@ class ToySource:
 
     def tensorboard_image(self, x: np.ndarray) -> None:
         return None
+
+    def decode(self, x: Array) -> Array:
+        return x
+
+    def describe_bits(self, bits: dict) -> dict:
+        return bits
 
 
 @dataclasses.dataclass
@@ -186,6 +201,12 @@ class ImageSource:
 
     def tensorboard_image(self, x: np.ndarray) -> np.ndarray:
         return plots.image_grid(self._unit(x))
+
+    def decode(self, x: Array) -> Array:
+        return x
+
+    def describe_bits(self, bits: dict) -> dict:
+        return bits
 
 
 def _num_classes(config: ml_collections.ConfigDict) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pathlib
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -95,11 +96,16 @@ class _Log:
         return out
 
 
-def run_steps(s: Setup, workdir: pathlib.Path, writer: MetricWriter, watcher: preemption.PreemptionWatcher) -> dict:
+def run_steps(s: Setup, workdir: pathlib.Path, writer: MetricWriter, watcher: preemption.PreemptionWatcher,
+              heldout_metrics: Optional[Callable[[Any, int], dict]] = None) -> dict:
     """Steps from the restored state to `training.n_iters` (or a preemption), with checkpoints,
-    logs, eval loss and snapshots; the final state is left in `s.state`."""
+    logs, held-out metrics every `eval_freq` steps (`heldout_metrics(ema_params, step)`, default
+    {"eval_loss": the objective on the held-out batch}) and snapshots; the final state is left in `s.state`."""
     t = s.config.training
-    multi_step, eval_loss = make_multi_step(s), modes.make_eval_loss(s)
+    multi_step = make_multi_step(s)
+    if heldout_metrics is None:
+        eval_loss = modes.make_eval_loss(s)
+        heldout_metrics = lambda params, step: {"eval_loss": eval_loss(params, step)}  # noqa: E731
     state, step = s.placement.replicate(s.state), int(s.state.step)
     if (idle := config_lib.nothing_to_train(step, t.n_iters)) is not None:
         logging.warning(idle)
@@ -121,8 +127,7 @@ def run_steps(s: Setup, workdir: pathlib.Path, writer: MetricWriter, watcher: pr
             last_loss = float(np.mean(metrics["loss"]))  # mean over this dispatch's steps
             pbar.update(k)
             preempted = watcher.reached()
-            record = {"eval_loss": eval_loss(s.placement.unreplicate(state).ema_params, step)} \
-                if _due(step, t.eval_freq) else {}
+            record = heldout_metrics(s.placement.unreplicate(state).ema_params, step) if _due(step, t.eval_freq) else {}
             if _due(step, t.log_freq) or step == t.n_iters:
                 record.update(log.record(step))
             if record:
