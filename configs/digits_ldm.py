@@ -1,7 +1,8 @@
 """Latent diffusion (Rombach et al. 2022) of the 16x16 digits: a KL autoencoder with f = 2 (16x16x1 -> 8x8x2
 latents, pixel loss Σ(x − x̂)² + β KL; no LPIPS/adversarial terms, which need pretrained weights), then a
-small DDPM++ (VP SDE, continuous DSM) on z = s·μ(x), s = 1/std of the encoder means; samples decode as
-x = D(z/s) before the grids, the .npz files and the digits monitor.
+small DDPM++ on z = s·μ(x), s = 1/std of the encoder means, trained and sampled like the pixel U-Net of
+`configs/digits_edm.py` (EDM schedule and preconditioning, log-normal σ, Heun 35 NFE) so the two compare;
+samples decode as x = D(z/s) before the grids, the .npz files and the digits monitor.
 
     sdejax --config=configs/digits_ldm.py --workdir=runs/digits_ldm --mode=train_autoencoder  # -> autoencoder/
     sdejax --config=configs/digits_ldm.py --workdir=runs/digits_ldm                           # diffusion on latents
@@ -13,11 +14,11 @@ Sized for a 2-CPU budget (each stage a few minutes). Held-out bits/dim of this m
 """
 from ml_collections import config_dict
 
-from configs import digits_ddpmpp
+from configs import digits_edm
 
 
 def get_config():
-    config = digits_ddpmpp.get_config()
+    config = digits_edm.get_config()
     config.autoencoder = a = config_dict.ConfigDict()
     a.f = 2
     a.latent_channels = 2
@@ -33,7 +34,7 @@ def get_config():
     z.use_mean = True  # z = s·μ(x) (False: s·(μ + σ ε), LDM's posterior sample)
     z.autoencoder_workdir = config_dict.placeholder(str)  # None: <workdir>/autoencoder
     t, m = config.training, config.model
-    t.batch_size, t.n_iters = 64, 1500
+    t.batch_size, t.n_iters = 64, 1200  # as digits_edm's 1200-step pixel U-Net
     t.snapshot_freq = 500
     t.snapshot_freq_for_preemption = 250
     t.eval_freq = 250

@@ -24,7 +24,8 @@ from helpers import ROOT, run_cli
 from sdejax import losses
 from sdejax.data import datasets, digits
 from sdejax.models.autoencoder import KLAutoencoder
-from sdejax.sde import VPSDE
+from sdejax.precond import Precond
+from sdejax.sde import EDMSDE
 from sdejax.training import build, config as config_lib, families, latent, modes, sources
 
 CONFIG = ROOT / "configs" / "digits_ldm.py"
@@ -34,7 +35,7 @@ TINY = {"training.n_iters": 2, "training.batch_size": 8, "training.log_freq": 1,
         "autoencoder.channel_mult": (1, 1), "autoencoder.num_res_blocks": 0, "autoencoder.scale_batches": 2,
         "model.nf": 16, "model.ch_mult": (1,), "model.attn_resolutions": (), "model.num_scales": 25,
         "eval.num_samples": 4, "eval.batch_size": 10,
-        "eval.num_bpd_batches": 1}
+        "eval.num_bpd_batches": 1, "sampling.num_steps": 3}
 C = 2  # latent channels of digits_ldm: 8x8x2 latents
 
 
@@ -105,8 +106,9 @@ def test_autoencoder_checkpoint_logs_and_scale(run, monkeypatch):
 
 
 def test_first_step_loss_is_the_library_dsm_loss_of_the_scaled_latents(run):
-    """Logged step-1 loss = continuous DSM (VP, β ∈ [0.1, 20], ε-network of score_sde, reduce_mean, t ~ U[1e-5, 1])
-    of the step-0 network on z = s·μ(x) of the first training batch, with the step's key split(state rng)[1]."""
+    """Logged step-1 loss = EDM's DSM (σ ∈ [0.002, 80], EDM preconditioning with σ_data = 0.5, ln σ ~ N(−1.2, 1.2²),
+    reduce_mean) of the step-0 network on z = s·μ(x) of the first training batch, with the step's key
+    split(state rng)[1]."""
     config = _config(run["tfds"])
     log = [json.loads(line) for line in (run["workdir"] / "train_log.jsonl").read_text().splitlines()]
     logged = next(r["loss"] for r in log if r["step"] == 1 and "loss" in r)
@@ -114,8 +116,9 @@ def test_first_step_loss_is_the_library_dsm_loss_of_the_scaled_latents(run):
     assert z.shape == (8, 8, 8, C)
     apply_fn, variables = build.build_model(config, build.stream_key(config, "init"), None)
     step_rng = jax.random.split(build.stream_key(config, "state"))[1]
-    loss_fn = losses.get_sde_loss_fn(VPSDE(beta_min=0.1, beta_max=20.0, N=25), apply_fn, train=True, reduce_mean=True,
-                                     continuous=True, eps=1e-5)
+    loss_fn = losses.get_sde_loss_fn(EDMSDE(0.002, 80.0, N=25), apply_fn, train=True, reduce_mean=True,
+                                     continuous=True, eps=0.002, precond=Precond.edm(0.5), time_sampling="lognormal",
+                                     p_mean=-1.2, p_std=1.2)
     ref, _ = loss_fn(variables, step_rng, {"x": jnp.asarray(z), "index": jnp.arange(8)})
     np.testing.assert_allclose(logged, float(ref), rtol=1e-5)
 
@@ -126,15 +129,15 @@ def restored(run):
 
 
 def test_samples_are_the_decoded_latent_samples(run, restored):
-    """samples_2.npz = D(z/s) of the config's sampler's z (Euler–Maruyama on the 25 levels, EMA params, the
-    run's sample key) on (4, 8, 8, 2) latents, pictured as a 2x2 grid of 16x16 digits."""
+    """samples_2.npz = D(z/s) of the config's sampler's z (EDM Heun, 3 steps = 5 NFE, EMA params, the run's
+    sample key) on (4, 8, 8, 2) latents, pictured as a 2x2 grid of 16x16 digits."""
     s, config = restored, restored.config
     assert isinstance(s.data, sources.DataSource) and s.data.heldout["x"].shape == (10, 8, 8, C)
-    sample = families.family(config).sampler(s, "pc", 4, (4, 8, 8, C))
+    sample = families.family(config).sampler(s, config.sampling.method, 4, (4, 8, 8, C))
     z, nfe = jax.jit(sample)(s.state.ema_params, None, build.stream_key(config, "sample"))
     ref = np.asarray(run["module"].apply(run["params"], z / run["scale"]["scale"], method="decode"))
     x = np.load(run["workdir"] / "samples" / "samples_2.npz")["samples"]
-    assert x.shape == ref.shape == (4, 16, 16, 1) and int(nfe) == 25
+    assert x.shape == ref.shape == (4, 16, 16, 1) and int(nfe) == 5
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert np.asarray(Image.open(run["workdir"] / "samples" / "samples_2.png")).shape == (35, 35)
 
