@@ -26,3 +26,14 @@ def fixtures_dir() -> pathlib.Path:
     if not (FIXTURES / "SHA256SUMS").is_file():
         pytest.fail(f"fixtures are missing from tests/fixtures ({FIXTURES}); they are committed with the repository")
     return FIXTURES
+
+
+# The longest files (measured, cold cache) start first, so the two xdist workers finish together
+# instead of one running the digits CLI test alone at the end.
+SLOW_FIRST = ("test_digits_cli.py", "test_guided_cd_driver.py", "test_conditional_driver.py", "test_udm_driver.py",
+              "test_training.py", "test_models.py", "test_latent_driver.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
