@@ -20,13 +20,10 @@ import pathlib
 import sys
 import time
 
-import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import digits_dit, digits_edm, digits_ldm  # noqa: E402
-from digits_consistency import score  # noqa: E402  (this script's folder is on sys.path)
-from sdejax.evaluation import digits_monitor  # noqa: E402
+from digits_consistency import monitor_and_floor, score_setup  # noqa: E402  (this script's folder is on sys.path)
 from sdejax.models import registry  # noqa: E402
 from sdejax.training import modes  # noqa: E402
 
@@ -48,15 +45,13 @@ def main() -> None:
     a = p.parse_args()
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    monitor = digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(jax.random.PRNGKey(123)))
-    train_x, _ = digits_monitor.digits_split("train")
-    pick = np.random.default_rng(0).choice(len(train_x), a.num_samples, replace=False)
-    results = {"num_samples": a.num_samples, "floor_train_vs_test": float(monitor(train_x[pick])), "runs": []}
+    monitor, floor = monitor_and_floor(a.num_samples)
+    results = {"num_samples": a.num_samples, "floor_train_vs_test": floor, "runs": []}
     for name, config, workdir in (("unet_pixels", digits_edm.get_config(), a.unet),
                                   ("dit_pixels", digits_dit.get_config(), a.dit),
                                   ("ldm_f2", digits_ldm.get_config(), a.ldm)):
-        row = score(config, workdir, a.num_samples, monitor, out, name)
         s = modes.restored_setup(config, workdir)
+        row = score_setup(s, a.num_samples, monitor, out, name)
         row["params"] = registry.count_params(s.state.ema_params)
         row["train_wall_s"] = train_wall_s(pathlib.Path(workdir))
         results["runs"].append(row)

@@ -25,9 +25,28 @@ from sdejax.training import build, modes  # noqa: E402
 SIGMAS = ((80.0,), (80.0, 0.821))
 
 
+def make_monitor():
+    """The digits monitor (`sdejax.evaluation.digits_monitor`, classifier seed 123): images in [0, 1] ->
+    its Fréchet distance to the test split (NOT FID)."""
+    return digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(jax.random.PRNGKey(123)))
+
+
+def monitor_and_floor(n: int):
+    """(the monitor, its true-data floor: n random train digits against the test split)."""
+    monitor = make_monitor()
+    train_x, _ = digits_monitor.digits_split("train")
+    pick = np.random.default_rng(0).choice(len(train_x), n, replace=False)
+    return monitor, float(monitor(train_x[pick]))
+
+
 def score(config, workdir, n, monitor, out, name) -> dict:
     """n samples of the run in `workdir` by its config's sampler, their monitor distance and a grid."""
-    s = modes.restored_setup(config, workdir)
+    return score_setup(modes.restored_setup(config, workdir), n, monitor, out, name)
+
+
+def score_setup(s, n, monitor, out, name) -> dict:
+    """`score` of an already restored run `s`."""
+    config = s.config
     x, info = modes.draw_samples(s, config.sampling.method, n, build.stream_key(config, "sample"))
     images = np.clip(np.asarray(datasets.get_data_inverse_scaler(config)(x), np.float32), 0, 1)
     modes.save_samples(s, out / name, {"samples": x[:100]})
@@ -44,10 +63,8 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=200)
     a = p.parse_args()
     out = pathlib.Path(a.out)
-    monitor = digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(jax.random.PRNGKey(123)))
-    train_x, _ = digits_monitor.digits_split("train")
-    pick = np.random.default_rng(0).choice(len(train_x), a.num_samples, replace=False)
-    results = {"num_samples": a.num_samples, "floor_train_vs_test": float(monitor(train_x[pick])), "runs": []}
+    monitor, floor = monitor_and_floor(a.num_samples)
+    results = {"num_samples": a.num_samples, "floor_train_vs_test": floor, "runs": []}
     results["runs"].append(score(digits_edm.get_config(), a.teacher, a.num_samples, monitor, out, "teacher_heun35"))
     runs = [("ict", digits_ict.get_config(), a.ict)] + ([("cd", digits_cd.get_config(), a.cd)] if a.cd else [])
     for name, config, workdir in runs:

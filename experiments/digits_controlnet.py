@@ -26,9 +26,9 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import digits_edm  # noqa: E402
+from digits_consistency import make_monitor  # noqa: E402  (this script's folder is on sys.path)
 from sdejax import degradations  # noqa: E402
 from sdejax.data import datasets  # noqa: E402
-from sdejax.evaluation import digits_monitor  # noqa: E402
 from sdejax.models import registry  # noqa: E402
 from sdejax.models.controlnet import ControlNet, ControlNetParams, controlnet_apply_fn, init_controlnet  # noqa: E402
 from sdejax.training import build, modes, plots  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     n = test.shape[0]
     fresh = init_controlnet(jax.random.PRNGKey(0), net, base, c, jnp.zeros((n,)), c)
     s.apply_fn = controlnet_apply_fn(net)
-    monitor = digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(jax.random.PRNGKey(123)))
+    monitor = make_monitor()
     key = build.stream_key(config, "sample")
     unit_c = np.asarray(to_unit(c))
     results = {"steps": a.steps, "lr": a.lr, "blur_sigma": a.blur_sigma, "train_wall_s": train_s,

@@ -15,13 +15,10 @@ import pathlib
 import sys
 import time
 
-import jax
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import digits_cold, digits_edm, digits_masked  # noqa: E402
-from digits_consistency import score  # noqa: E402  (this script's folder is on sys.path)
-from sdejax.evaluation import digits_monitor  # noqa: E402
+from digits_consistency import monitor_and_floor, score  # noqa: E402  (this script's folder is on sys.path)
 from sdejax.training import modes  # noqa: E402
 
 
@@ -42,10 +39,8 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=200)
     a = p.parse_args()
     out = pathlib.Path(a.out)
-    monitor = digits_monitor.make_digits_monitor(digits_monitor.train_digits_classifier(jax.random.PRNGKey(123)))
-    train_x, _ = digits_monitor.digits_split("train")
-    pick = np.random.default_rng(0).choice(len(train_x), a.num_samples, replace=False)
-    results = {"num_samples": a.num_samples, "floor_train_vs_test": float(monitor(train_x[pick])),
+    monitor, floor = monitor_and_floor(a.num_samples)
+    results = {"num_samples": a.num_samples, "floor_train_vs_test": floor,
                "bits_per_dim": {"masked_nelbo": bits(digits_masked.get_config(), a.masked),
                                 "continuous_pf_ode": bits(digits_edm.get_config(), a.continuous)},
                "runs": [score(digits_masked.get_config(), a.masked, a.num_samples, monitor, out, "masked_ancestral64"),
