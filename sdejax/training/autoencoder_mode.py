@@ -1,12 +1,18 @@
-"""`sdejax --mode=train_autoencoder`: the KL autoencoder of latent diffusion (`sdejax.training.latent`),
+"""`sdejax --mode=train_autoencoder`: the KL or VQ autoencoder of latent diffusion (`sdejax.training.latent`),
 trained on the run's image data with its own checkpoints in `<autoencoder dir>/checkpoints` (default
 `<workdir>/autoencoder`; resumable as every run), logs there (`train_log.jsonl`, TensorBoard: the loss,
-and at `training.eval_freq` the held-out reconstruction and KL), and, once trained, the latent scale
-`latent_scale.json` and the test-split report `metrics.json`.
+and at `training.eval_freq` the held-out reconstruction and KL, or for VQ the quantisation error, codebook
+usage and perplexity), and, once trained, the latent scale `latent_scale.json` and the test-split report
+`metrics.json`.
 
-Loss (pixel only; `sdejax.autoencoders.vae_loss`), per example with z = μ + σ ε:
+Loss (pixel only), per example: KL (`autoencoder.kind = "kl"`, `sdejax.autoencoders.vae_loss`) with
+z = μ + σ ε, VQ (`"vq"`, `sdejax.autoencoders.vq_vae_loss`, learned codebook) with z_q = e_k,
+k = argmin_j ‖z_e − e_j‖² and a straight-through gradient:
 
-    L(x) = Σ_pixels (x − D(z))² + β KL(q(z|x) ‖ N(0, I)),   β = `autoencoder.beta`.
+    L(x) = Σ_pixels (x − D(z))² + β KL(q(z|x) ‖ N(0, I)),                    β = `autoencoder.beta`
+    L(x) = Σ_pixels (x − D(z_q))² + ‖sg(z_e) − e_k‖² + β ‖z_e − sg(e_k)‖²,   β = `autoencoder.commitment`.
+
+(The library's EMA codebook needs state outside the gradient step; the driver trains the learned one.)
 
 The perceptual (LPIPS) and adversarial terms of LDM's autoencoders need pretrained weights that cannot be
 downloaded here: they are not shipped; a `recon_loss(x, x̂) -> (B,)` plugs into `autoencoder_setup`.
@@ -26,7 +32,6 @@ import pathlib
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -63,9 +68,7 @@ def autoencoder_setup(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, a
     placement = parallel.get_placement(c.training.get("parallelism", "jit"))
     data = sources.get_source(c, build.stream_key(c, "split"), build.stream_key(c, "batches"))
     module, state = latent.initial_state(config, data.heldout["x"], build.stream_key(config, "autoencoder"))
-    loss = autoencoders.vae_loss(lambda p, x: module.apply(p, x, method="encode"),
-                                 lambda p, z: module.apply(p, z, method="decode"),
-                                 beta=float(latent.autoencoder_settings(config)["beta"]), recon_loss=recon_loss)
+    loss = latent.kind(config).loss(module, latent.autoencoder_settings(config), recon_loss)
     t = c.training
     ckpt = latent.checkpointer(config, ae_dir, allow_config_change, keep=t.get("keep_checkpoints", 1),
                                keep_period=t.snapshot_freq if t.snapshot_freq > 0 else None)
@@ -78,36 +81,61 @@ def autoencoder_setup(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, a
     return s, module
 
 
-def make_heldout_metrics(s: build.Setup) -> Callable[[Any, np.ndarray, jax.Array], dict]:
-    """`metrics(params, x, key)` -> {"eval_loss", "eval_recon", "eval_kl"}: batch means of the objective,
-    Σ (x − x̂)² and KL on the (global) rows x, z sampled from `key`."""
+def make_heldout_metrics(s: build.Setup, kind: latent.Kind) -> Callable[[Any, np.ndarray, jax.Array],
+                                                                         tuple[dict, dict]]:
+    """`metrics(params, x, key)` -> (means, sums) on the (global) rows x, z sampled from `key`: means
+    {"loss": the objective, and the kind's `Kind.batch_metrics`: KL "recon" Σ (x − x̂)², "kl"; VQ "recon",
+    "quantization" Σ ‖z_e − e‖²} as floats, sums (VQ: the code "counts") as arrays."""
     objective = s.objective(train=False)
 
     def metrics(params, x, key):
         loss, aux = objective(params, key, {"x": x}, None)
-        return {"eval_loss": loss, "eval_recon": jnp.mean(aux["recon"]), "eval_kl": jnp.mean(aux["kl"])}
+        means, sums = kind.batch_metrics(aux)
+        return {"loss": loss, **means}, sums
 
     fn = s.compiled.setdefault("autoencoder_metrics", jax.jit(metrics))
-    return lambda params, x, key: {k: float(to_host(v)) for k, v in fn(s.placement.on_mesh(params),
-                                                                        s.placement.rows_on_mesh(x), key).items()}
+
+    def host(params, x, key):
+        means, sums = fn(s.placement.on_mesh(params), s.placement.rows_on_mesh(x), key)
+        return {k: float(to_host(v)) for k, v in means.items()}, {k: to_host(v) for k, v in sums.items()}
+
+    return host
 
 
-def heldout_report(s: build.Setup) -> dict:
-    """Means over the test split: recon Σ (x − x̂)², its per-dimension mean, KL and the objective."""
-    metrics, rows = make_heldout_metrics(s), []
+def heldout_log(s: build.Setup, kind: latent.Kind) -> Callable[[Any, int], dict]:
+    """The loop's held-out record `eval_<name>` of `make_heldout_metrics` on the held-out batch, with the
+    kind's `Kind.split_metrics` of it (VQ: the batch's codebook usage and perplexity)."""
+    metrics, key = make_heldout_metrics(s, kind), build.stream_key(s.config, "eval")
+
+    def record(params, step):
+        means, sums = metrics(params, s.data.heldout["x"], key)
+        return {f"eval_{k}": v for k, v in {**means, **kind.split_metrics(sums)}.items()}
+
+    return record
+
+
+def heldout_report(s: build.Setup, kind: latent.Kind) -> dict:
+    """Over the test split: batch means of the objective and the kind's metrics (recon Σ (x − x̂)², KL or the
+    quantisation error), recon per dimension, and the kind's `Kind.split_metrics` of the summed arrays (VQ:
+    codes used, K and perplexity of the test split's code histogram)."""
+    metrics, means, sums = make_heldout_metrics(s, kind), [], []
     key = build.stream_key(s.config, "eval")
     for i, batch in enumerate(s.data.eval_batches(s.config.eval.batch_size)):
-        rows.append(metrics(s.state.params, batch["x"], jax.random.fold_in(key, i)))
-    mean = {k[len("eval_"):]: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        m, c = metrics(s.state.params, batch["x"], jax.random.fold_in(key, i))
+        means.append(m)
+        sums.append(c)
+    mean = {k: float(np.mean([r[k] for r in means])) for k in means[0]}
+    total = {k: np.sum([np.asarray(r[k], np.float64) for r in sums], axis=0) for k in sums[0]}
     dim = int(np.prod(np.shape(s.data.heldout["x"])[1:]))
-    return {**mean, "mse_per_dim": mean["recon"] / dim, "num_batches": len(rows)}
+    return {**mean, "mse_per_dim": mean["recon"] / dim, **kind.split_metrics(total), "num_batches": len(means)}
 
 
 def estimate_scale(s: build.Setup, module: Any, config: ml_collections.ConfigDict) -> dict:
-    """s = 1/std of every entry of the latents (`latent.encoder`) of the next `autoencoder.scale_batches`
-    training batches (all processes' rows; float64 statistics)."""
+    """s = 1/std of every entry of the latents (the kind's `Kind.latents`: KL μ(x) or a sample, VQ z_e) of the
+    next `autoencoder.scale_batches` training batches (all processes' rows; float64 statistics)."""
     n, mean_only = int(latent.autoencoder_settings(config)["scale_batches"]), latent.use_mean(config)
-    encode, key = latent.encoder(module, mean_only), jax.random.fold_in(build.stream_key(config, "latent"), 3)
+    encode = latent.kind(config).latents(module, mean_only)
+    key = jax.random.fold_in(build.stream_key(config, "latent"), 3)
     chunk = s.data.chunk(int(s.state.step), n)
     rows = chunk["x"].shape[1]
     z = np.stack([np.asarray(encode(s.state.params, chunk["x"][i], jax.random.fold_in(key, i),
@@ -141,11 +169,9 @@ def _check_scale_step(config: ml_collections.ConfigDict, ae_dir: pathlib.Path) -
 def _train(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, allow_config_change: tuple[str, ...]) -> dict:
     _check_scale_step(config, ae_dir)
     s, module = autoencoder_setup(config, ae_dir, allow_config_change)
-    writer, watcher = MetricWriter(ae_dir), preemption.PreemptionWatcher()
-    heldout, key = make_heldout_metrics(s), build.stream_key(s.config, "eval")
+    writer, watcher, kind = MetricWriter(ae_dir), preemption.PreemptionWatcher(), latent.kind(config)
     try:
-        metrics = trainer.run_steps(s, ae_dir, writer, watcher,
-                                    heldout_metrics=lambda params, step: heldout(params, s.data.heldout["x"], key))
+        metrics = trainer.run_steps(s, ae_dir, writer, watcher, heldout_metrics=heldout_log(s, kind))
     finally:
         watcher.close()
         writer.close()
@@ -156,7 +182,7 @@ def _train(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, allow_config
         _write_once(scale_path, estimate_scale(s, module, config))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sdejax-latent-scale")
-    metrics.update(test=heldout_report(s), latent_scale=json.loads(scale_path.read_text()))
+    metrics.update(test=heldout_report(s, kind), latent_scale=json.loads(scale_path.read_text()))
     if jax.process_index() == 0:
         write_json(ae_dir / "metrics.json", metrics)
     return metrics

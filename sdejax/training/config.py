@@ -255,6 +255,7 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.beta2": interval(0.0, 1.0, "[)"),
     "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE,
+    "autoencoder.kind": one_of(tuple(sorted(latent.KINDS))),
     "autoencoder.f": Rule("2, 4 or 8 (the downsampling factor)", lambda v: _is_int(v) and v in (2, 4, 8)),
     "autoencoder.latent_channels": at_least(1),
     "autoencoder.features": Rule("a multiple of 4 >= 4 (GroupNorm groups of 4 channels)",
@@ -267,6 +268,8 @@ VALUE_RULES: dict[str, Rule] = {
     "autoencoder.batch_size": at_least(1),
     "autoencoder.lr": POSITIVE,
     "autoencoder.beta": NON_NEGATIVE,
+    "autoencoder.num_codes": at_least(2, "codebook size K"),
+    "autoencoder.commitment": NON_NEGATIVE,
     "autoencoder.scale_batches": at_least(1, "training batches the latent scale is estimated on"),
     "latent.use_mean": BOOL,
     "latent.autoencoder_workdir": Rule("None (<workdir>/autoencoder) or a non-empty path",
@@ -459,9 +462,9 @@ def model_keys(name: str) -> frozenset[str]:
 
 
 def check_latent(config: ml_collections.ConfigDict) -> None:
-    """An autoencoder encodes images whose size f divides, with log2 f + 1 channel multipliers; a latent run
-    (`config.latent`) needs one, and no classifier guidance (the classifier of --mode=train_classifier
-    sees pixels)."""
+    """An autoencoder encodes images whose size f divides, with log2 f + 1 channel multipliers, and has only
+    its kind's keys (`latent.check_kind`); a latent run (`config.latent`) needs one, and no classifier
+    guidance (the classifier of --mode=train_classifier sees pixels)."""
     if "latent" in config and "autoencoder" not in config:
         raise ValueError("config.latent (latent diffusion) needs config.autoencoder, the autoencoder of "
                          "--mode=train_autoencoder whose latents the model learns")
@@ -476,6 +479,7 @@ def check_latent(config: ml_collections.ConfigDict) -> None:
     if a.get("channel_mult", None) is not None and len(a.channel_mult) != a.f.bit_length():
         raise ValueError(f"autoencoder.channel_mult needs log2(f) + 1 = {a.f.bit_length()} entries for f = {a.f}; "
                          f"got {tuple(a.channel_mult)}")
+    latent.check_kind(config)
     if "latent" in config and conditioning.settings(config)["classifier_scale"] > 0:
         raise ValueError("sampling.classifier_scale > 0: classifier guidance of a latent model would need a "
                          "classifier of the latents; the classifier of --mode=train_classifier sees pixels")

@@ -1,19 +1,23 @@
-"""Latent diffusion in the driver (Rombach et al. 2022): a KL autoencoder (`sdejax.models.autoencoder`)
+"""Latent diffusion in the driver (Rombach et al. 2022): an autoencoder (`sdejax.models.autoencoder`)
 trained by `--mode=train_autoencoder` (`sdejax.training.autoencoder_mode`), then any diffusion model of the
 driver trained on its latents
 
-    z = s · E(x),   s = 1 / std(E(x)),   x = D(z / s),
+    z = s · E(x),   s = 1 / std(E(x)),   x = D(z / s)              (autoencoder.kind = "kl", the default)
+    z = s · z_e(x), s = 1 / std(z_e(x)), x = D(quantize(z / s))    (autoencoder.kind = "vq": LDM's "VQ-reg")
 
-with E(x) the encoder mean μ(x) (`latent.use_mean = True`, the default) or a sample μ(x) + σ(x) ε, and s one
+with E(x) the KL encoder mean μ(x) (`latent.use_mean = True`, the default) or a sample μ(x) + σ(x) ε, z_e the
+VQ encoder's output before quantisation (deterministic: `latent.use_mean = False` is refused), and s one
 number estimated once, after the autoencoder's training, over `autoencoder.scale_batches` training batches
 (the std of all latent entries), saved beside its checkpoints as `<autoencoder dir>/latent_scale.json`.
+What differs between the kinds (network, loss, latents, decoder, held-out metrics) is a `Kind` of `KINDS`.
 
 The driver does not branch on it: `source` wraps the run's data source in a `LatentSource` (training
 batches, held-out data and eval batches encoded by the frozen encoder; samples decoded by `decode`), and
 `network_config` gives the network builder the latent shape (H/f, W/f, C). Config sections:
 
-- `config.autoencoder`: the network (f, latent_channels, features, channel_mult, num_res_blocks) and its
-  training (n_iters, batch_size, lr, beta: the KL weight, scale_batches);
+- `config.autoencoder`: kind ("kl" or "vq"), the network (f, latent_channels: also the VQ code dimension,
+  features, channel_mult, num_res_blocks; VQ: num_codes K) and its training (n_iters, batch_size, lr,
+  scale_batches; KL: beta, the KL weight; VQ: commitment β);
 - `config.latent` (its presence makes the run latent): use_mean, autoencoder_workdir (default
   `<workdir>/autoencoder`).
 """
@@ -29,15 +33,114 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sdejax.models.autoencoder import KLAutoencoder
+from sdejax import autoencoders
+from sdejax.models.autoencoder import KLAutoencoder, VQAutoencoder
 from sdejax.training import checkpoint, sources, state as state_lib
 
 Array = jax.Array
+EncodeFn = Callable[[Any, np.ndarray, Array, int], Array]  # (params, x, key, row0) -> unscaled latents
+DecodeFn = Callable[[Any, Array, float], Array]  # (params, z, s) -> pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What one autoencoder kind defines: its own config keys (`required`, `defaults`), the network
+    `module(settings, out_channels)`, whether its latents may be sampled (`sampled`: `latent.use_mean = False`
+    allowed), the training loss `loss(module, settings, recon_loss)`, the latents of
+    diffusion `latents(module, mean_only) -> EncodeFn`, the decoder `decoder(module) -> DecodeFn`, and the
+    held-out metrics: `batch_metrics(aux) -> (means, sums)` of one batch's loss aux (scalars averaged over
+    batches; arrays summed over them) and `split_metrics(sums)` of the summed arrays."""
+
+    required: tuple[str, ...]
+    defaults: dict
+    module: Callable[[dict, int], Any]
+    sampled: bool
+    loss: Callable[[Any, dict, autoencoders.ReconLoss], autoencoders.LossFn]
+    latents: Callable[[Any, bool], EncodeFn]
+    decoder: Callable[[Any], DecodeFn]
+    batch_metrics: Callable[[dict], tuple[dict, dict]]
+    split_metrics: Callable[[dict], dict]
+
+
+def _network_kwargs(a: dict, out_channels: int) -> dict:
+    return dict(f=a["f"], features=a["features"], channel_mult=a["channel_mult"], out_channels=out_channels,
+                num_res_blocks=a["num_res_blocks"])
+
+
+def encoder(module: KLAutoencoder, mean_only: bool) -> EncodeFn:
+    """`encode(params, x, key, row0)` -> μ(x), or μ(x) + σ(x) ε with ε of row r (global index row0 + r) drawn
+    from fold_in(key, row0 + r); unscaled, jitted."""
+
+    def encode(params, x, key, row0):
+        mean, logvar = module.apply(params, x, method="encode")
+        if mean_only:
+            return mean
+        rows = row0 + jnp.arange(x.shape[0])
+        eps = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), mean.shape[1:], mean.dtype))(rows)
+        return mean + jnp.exp(0.5 * logvar) * eps
+
+    return jax.jit(encode)
+
+
+def vq_encoder(module: VQAutoencoder, mean_only: bool = True) -> EncodeFn:
+    """`encode(params, x, key, row0)` -> z_e(x), the encoder output before quantisation (key, row0 unused)."""
+    del mean_only
+    return jax.jit(lambda params, x, key, row0: module.apply(params, x, method="encode"))
+
+
+def vq_decoder(module: VQAutoencoder) -> DecodeFn:
+    """(params, z, s) -> D(z_q), z_q = the code nearest z / s (`autoencoders.quantize`)."""
+
+    def decode(params, z, s):
+        z_q = autoencoders.quantize(z / s, module.apply(params, method="codebook"))[2]
+        return module.apply(params, z_q, method="decode")
+
+    return decode
+
+
+def vq_split_metrics(sums: dict) -> dict:
+    """usage (codes used), num_codes K and perplexity exp(−Σ p log p) of the summed code histogram."""
+    counts = np.asarray(sums["counts"], np.float64)
+    p = counts / counts.sum()
+    entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    return {"usage": int(np.sum(counts > 0)), "num_codes": int(counts.size), "perplexity": float(np.exp(entropy))}
+
+
+KINDS: dict[str, Kind] = {
+    "kl": Kind(
+        required=(), defaults={"beta": 1e-6},
+        module=lambda a, c: KLAutoencoder(latent_channels=a["latent_channels"], **_network_kwargs(a, c)),
+        sampled=True,
+        loss=lambda m, a, recon: autoencoders.vae_loss(lambda p, x: m.apply(p, x, method="encode"),
+                                                       lambda p, z: m.apply(p, z, method="decode"),
+                                                       beta=float(a["beta"]), recon_loss=recon),
+        latents=encoder,
+        decoder=lambda m: lambda p, z, s: m.apply(p, z / s, method="decode"),
+        batch_metrics=lambda aux: ({"recon": jnp.mean(aux["recon"]), "kl": jnp.mean(aux["kl"])}, {}),
+        split_metrics=lambda sums: {}),
+    "vq": Kind(
+        required=("num_codes",), defaults={"commitment": 0.25},
+        module=lambda a, c: VQAutoencoder(num_codes=a["num_codes"], code_dim=a["latent_channels"],
+                                          **_network_kwargs(a, c)),
+        sampled=False,
+        loss=lambda m, a, recon: autoencoders.vq_vae_loss(lambda p, x: m.apply(p, x, method="encode"),
+                                                          lambda p, z: m.apply(p, z, method="decode"),
+                                                          codebook_fn=lambda p: m.apply(p, method="codebook"),
+                                                          beta=float(a["commitment"]), recon_loss=recon),
+        latents=vq_encoder,
+        decoder=vq_decoder,
+        batch_metrics=lambda aux: ({"recon": jnp.mean(aux["recon"]), "quantization": jnp.mean(aux["codebook"])},
+                                   {"counts": aux["counts"]}),
+        split_metrics=vq_split_metrics),
+}
 
 SCALE_FILE = "latent_scale.json"
 AUTOENCODER_REQUIRED = ("f", "latent_channels", "n_iters", "batch_size", "lr")
-AUTOENCODER_DEFAULTS = {"features": 32, "channel_mult": None, "num_res_blocks": 1, "beta": 1e-6, "scale_batches": 10}
-AUTOENCODER_KEYS = frozenset(AUTOENCODER_REQUIRED) | frozenset(AUTOENCODER_DEFAULTS)
+AUTOENCODER_DEFAULTS = {"features": 32, "channel_mult": None, "num_res_blocks": 1, "scale_batches": 10}
+DEFAULT_KIND = "kl"
+COMMON_KEYS = frozenset(AUTOENCODER_REQUIRED) | frozenset(AUTOENCODER_DEFAULTS) | {"kind"}
+KIND_KEYS = {name: frozenset(k.required) | frozenset(k.defaults) for name, k in KINDS.items()}
+AUTOENCODER_KEYS = COMMON_KEYS | frozenset().union(*KIND_KEYS.values())
 LATENT_DEFAULTS = {"use_mean": True, "autoencoder_workdir": None}
 BITS_NOTE = ("latent_bits_per_dim is -log2 p(z)/D of the scaled latents z = s*E(x) (D = H/f * W/f * C) by the "
              "probability-flow ODE, without dequantisation. It is NOT pixel bits/dim: the decoder is not a "
@@ -45,15 +148,49 @@ BITS_NOTE = ("latent_bits_per_dim is -log2 p(z)/D of the scaled latents z = s*E(
              "log2(s) per dimension; a pixel NLL would need the decoder likelihood p(x|z) and the ELBO.")
 
 
+def kind_name(config: ml_collections.ConfigDict) -> str:
+    """`autoencoder.kind` (default "kl"); ValueError listing the valid kinds."""
+    name = config.autoencoder.get("kind", DEFAULT_KIND)
+    if name not in KINDS:
+        raise ValueError(f"unknown autoencoder.kind {name!r}; valid: {sorted(KINDS)}")
+    return name
+
+
+def kind(config: ml_collections.ConfigDict) -> Kind:
+    """The `Kind` of `autoencoder.kind`."""
+    return KINDS[kind_name(config)]
+
+
+def check_kind(config: ml_collections.ConfigDict) -> None:
+    """ValueError for a key of another kind (e.g. autoencoder.beta with kind "vq"), a missing key of the
+    kind, or `latent.use_mean = False` with a kind whose latents are deterministic (VQ's z_e)."""
+    name, present = kind_name(config), set(config.autoencoder.keys())
+    if foreign := sorted(present & (AUTOENCODER_KEYS - COMMON_KEYS - KIND_KEYS[name])):
+        owners = sorted({n for n, keys in KIND_KEYS.items() if keys & set(foreign)})
+        raise ValueError(f"autoencoder.kind = {name!r} does not read {[f'autoencoder.{k}' for k in foreign]} "
+                         f"(key(s) of kind {owners}); the keys of kind {name!r}: {sorted(KIND_KEYS[name])}")
+    if missing := sorted(set(KINDS[name].required) - present):
+        raise ValueError(f"missing config key(s) {[f'autoencoder.{k}' for k in missing]} "
+                         f"(required by autoencoder.kind = {name!r})")
+    if not KINDS[name].sampled and not use_mean(config):
+        raise ValueError(f"latent.use_mean = False has no meaning for autoencoder.kind = {name!r}: its latents "
+                         "are the deterministic encoder output (VQ: z_e before quantisation); set it True or "
+                         "remove it")
+
+
 def autoencoder_settings(config: ml_collections.ConfigDict) -> dict:
-    """`config.autoencoder` with its defaults (`AUTOENCODER_DEFAULTS`) filled in."""
+    """`config.autoencoder` with its defaults (`AUTOENCODER_DEFAULTS`, the kind's `Kind.defaults`) filled in;
+    "kind" is included for kinds other than "kl" (KL checkpoints saved before kinds existed have none)."""
     if "autoencoder" not in config:
         raise ValueError("latent diffusion needs config.autoencoder (keys: required "
                          f"{list(AUTOENCODER_REQUIRED)}, optional {sorted(AUTOENCODER_DEFAULTS)})")
-    a = config.autoencoder
-    out = {k: a[k] for k in AUTOENCODER_REQUIRED}
-    out.update({k: a.get(k, v) for k, v in AUTOENCODER_DEFAULTS.items()})
+    a, name = config.autoencoder, kind_name(config)
+    k = KINDS[name]
+    out = {key: a[key] for key in AUTOENCODER_REQUIRED + k.required}
+    out.update({key: a.get(key, v) for key, v in {**AUTOENCODER_DEFAULTS, **k.defaults}.items()})
     out["channel_mult"] = None if out["channel_mult"] is None else tuple(out["channel_mult"])
+    if name != DEFAULT_KIND:
+        out["kind"] = name
     return out
 
 
@@ -68,11 +205,8 @@ def autoencoder_dir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     return pathlib.Path(given) if given else pathlib.Path(workdir) / "autoencoder"
 
 
-def build_autoencoder(config: ml_collections.ConfigDict) -> KLAutoencoder:
-    a = autoencoder_settings(config)
-    return KLAutoencoder(f=a["f"], latent_channels=a["latent_channels"], features=a["features"],
-                         channel_mult=a["channel_mult"], out_channels=config.data.num_channels,
-                         num_res_blocks=a["num_res_blocks"])
+def build_autoencoder(config: ml_collections.ConfigDict) -> KLAutoencoder | VQAutoencoder:
+    return kind(config).module(autoencoder_settings(config), config.data.num_channels)
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -87,8 +221,7 @@ def optimizer(config: ml_collections.ConfigDict):
     return state_lib.get_optimizer(optimizer_config(config))
 
 
-def initial_state(config: ml_collections.ConfigDict, x: np.ndarray, rng: Array) -> tuple[KLAutoencoder,
-                                                                                          state_lib.TrainState]:
+def initial_state(config: ml_collections.ConfigDict, x: np.ndarray, rng: Array) -> tuple[Any, state_lib.TrainState]:
     """(module, step-0 train state) of the autoencoder, initialised on images shaped like `x[:1]`."""
     module, tx, example = build_autoencoder(config), optimizer(config), jnp.asarray(x[:1])
     init = jax.jit(lambda key: state_lib.create_train_state(module.init(key, example), tx, jax.random.fold_in(key, 1)))
@@ -102,21 +235,6 @@ def checkpointer(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, allow_
     saved = {"autoencoder": autoencoder_settings(config), "data": config.data.to_dict()}
     return checkpoint.Checkpointer(ae_dir / "checkpoints", keep=keep, keep_period=keep_period, config=saved,
                                    allow_config_change=allow_config_change)
-
-
-def encoder(module: KLAutoencoder, mean_only: bool) -> Callable[[Any, np.ndarray, Array, int], Array]:
-    """`encode(params, x, key, row0)` -> μ(x), or μ(x) + σ(x) ε with ε of row r (global index row0 + r) drawn
-    from fold_in(key, row0 + r); unscaled, jitted."""
-
-    def encode(params, x, key, row0):
-        mean, logvar = module.apply(params, x, method="encode")
-        if mean_only:
-            return mean
-        rows = row0 + jnp.arange(x.shape[0])
-        eps = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), mean.shape[1:], mean.dtype))(rows)
-        return mean + jnp.exp(0.5 * logvar) * eps
-
-    return jax.jit(encode)
 
 
 def read_scale(ae_dir: pathlib.Path) -> dict:
@@ -145,7 +263,7 @@ def network_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 @dataclasses.dataclass
 class LatentSource:
     """The `DataSource` of z = s·E(x) over a pixel source `inner`, encoded by the frozen autoencoder
-    `params` (`encode` of `encoder`); samples come back as pixels through `decode`. Continuous and
+    `params` (`encode`: the kind's `Kind.latents`); samples come back as pixels through `decode`. Continuous and
     unbounded (bits/dim with no dequantisation, reported as latent bits/dim: `describe_bits`).
 
     Noise of a sampled E(x) (use_mean False): training step k's batch from fold_in(fold_in(key, 0), k),
@@ -153,8 +271,8 @@ class LatentSource:
     per row its global index, so a resumed run encodes the same latents."""
 
     inner: sources.DataSource
-    encode: Callable[[Any, np.ndarray, Array, int], Array]
-    decode_fn: Callable[[Any, Array, float], Array]  # (params, z, s) -> D(z / s)
+    encode: EncodeFn
+    decode_fn: DecodeFn  # (params, z, s) -> D(z / s), or D(quantize(z / s)): `Kind.decoder`
     params: Any
     scale: float
     key: Array
@@ -190,7 +308,7 @@ class LatentSource:
         return None
 
     def decode(self, z: Array) -> Array:
-        """x = D(z / s), in the pixel source's model range."""
+        """x = D(z / s) (KL) or D(quantize(z / s)) (VQ), in the pixel source's model range."""
         return self.decode_fn(self.params, z, self.scale)
 
     def describe_bits(self, bits: dict) -> dict:
@@ -207,7 +325,7 @@ class LatentSource:
 
 
 def restore_autoencoder(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, x: np.ndarray, step: int,
-                        allow_config_change: tuple[str, ...] = ()) -> tuple[KLAutoencoder, Any]:
+                        allow_config_change: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """(module, parameters) of the autoencoder checkpoint at `step` in `ae_dir`."""
     module, target = initial_state(config, x, jax.random.PRNGKey(0))
     ckpt = checkpointer(config, ae_dir, allow_config_change)
@@ -232,6 +350,6 @@ def source(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data:
                          "in a fresh autoencoder workdir")
     module, params = restore_autoencoder(config, ae_dir, data.heldout["x"], scale["autoencoder_step"],
                                          allow_config_change)
-    decode = jax.jit(lambda p, z, s: module.apply(p, z / s, method="decode"))
-    return LatentSource(data, encoder(module, use_mean(config)), decode, jax.device_put(jax.device_get(params)),
-                        float(scale["scale"]), key)
+    k = kind(config)
+    return LatentSource(data, k.latents(module, use_mean(config)), jax.jit(k.decoder(module)),
+                        jax.device_put(jax.device_get(params)), float(scale["scale"]), key)
