@@ -117,6 +117,25 @@ LATENT_BAD_VALUES = [
     ("latent.use_mean", 1, r"latent.use_mean must be True or False; got 1"),
     ("latent.autoencoder_workdir", "", r"latent.autoencoder_workdir must be None \(<workdir>/autoencoder\) or a "
                                        r"non-empty path; got ''"),
+    ("autoencoder.kind", "ae", r"unknown autoencoder.kind 'ae'; valid: \['kl', 'vq'\]"),
+    ("autoencoder.num_codes", 1, r"autoencoder.num_codes must be an integer >= 2 \(codebook size K\); got 1"),
+    ("autoencoder.commitment", -0.1, r"autoencoder.commitment must be in \[0, inf\); got -0.1"),
+]
+# (config file, key, value, message) of image-conditioned runs (sdejax.training.image_condition)
+IMAGE_BAD_VALUES = [
+    ("digits_lowres.py", "data.downsample", 0, r"data.downsample must be an integer >= 1 \(1: the images themselves\)"),
+    ("digits_sr.py", "superres.factor", 1, r"superres.factor must be an integer >= 2; got 1"),
+    ("digits_sr.py", "superres.upsample", "area", r"unknown superres.upsample 'area'; valid: \['nearest', 'bilinear'\]"),
+    ("digits_sr.py", "superres.aug_max", -0.1, r"superres.aug_max must be in \[0, inf\); got -0.1"),
+    ("digits_sr.py", "superres.aug_level", -1.0, r"superres.aug_level must be in \[0, inf\); got -1.0"),
+    ("digits_sr.py", "superres.base_workdir", "", r"superres.base_workdir must be None \(sample on held-out"),
+    ("digits_controlnet.py", "controlnet.base_workdir", "", r"controlnet.base_workdir must be a non-empty path"),
+    ("digits_controlnet.py", "controlnet.control", "canny", r"unknown controlnet.control 'canny'; valid: \['blur', "),
+    ("digits_controlnet.py", "controlnet.blur_sigma", 0.0, r"controlnet.blur_sigma must be in \(0, inf\); got 0.0"),
+    ("digits_controlnet.py", "controlnet.factor", 1, r"controlnet.factor must be an integer >= 2; got 1"),
+    ("digits_controlnet.py", "controlnet.hint_channels", (16, 0), r"controlnet.hint_channels must be a non-empty "),
+    ("digits_controlnet.py", "controlnet.num_blocks", 0, r"controlnet.num_blocks must be None \(DiT: depth // 2\) or"),
+    ("digits_controlnet.py", "controlnet.scale", float("nan"), r"controlnet.scale must be in \(-inf, inf\); got nan"),
 ]
 
 
@@ -132,8 +151,15 @@ def test_bad_latent_value_names_key_and_range(key, value, message):
         config_lib.check_config(override(load_config("digits_ldm.py"), {key: value}, any_type=True))
 
 
+@pytest.mark.parametrize("path,key,value,message", IMAGE_BAD_VALUES, ids=[f"{k}={v!r}" for _, k, v, _ in IMAGE_BAD_VALUES])
+def test_bad_image_condition_value_names_key_and_range(path, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.check_config(override(load_config(path), {key: value}, any_type=True))
+
+
 def test_every_rule_has_a_bad_value_test():
-    assert set(config_lib.VALUE_RULES) == {key for key, _, _ in BAD_VALUES + LATENT_BAD_VALUES}
+    image = {key for _, key, _, _ in IMAGE_BAD_VALUES}
+    assert set(config_lib.VALUE_RULES) == {key for key, _, _ in BAD_VALUES + LATENT_BAD_VALUES} | image
 
 
 @pytest.mark.parametrize("key,value", [("training.grad_accum_steps", 4), ("training.snapshot_freq", 0),

@@ -30,7 +30,7 @@ from sdejax.data import transforms
 from sdejax.models import convert_flax, lora, mlp, registry
 from sdejax.sampling import methods
 from sdejax.training import checkpoint, config as config_lib, objective as objective_lib, parallel
-from sdejax.training import conditioning, latent, sources, state as state_lib
+from sdejax.training import conditioning, image_condition, latent, sources, state as state_lib
 
 Array = jax.Array
 
@@ -58,8 +58,8 @@ def build_sde(config: ml_collections.ConfigDict) -> sde_lib.SDE:
 def build_model(config: ml_collections.ConfigDict, rng: Array, x: Array) -> tuple[Callable[..., Array], Any]:
     """(apply_fn, variables) for `config.model.name`: "mlp" (`sdejax.models.mlp`, initialised on
     the example `x[:1]`), every other name from the U-Net registry `sdejax.models.registry`, on the data's
-    shape (a latent run's: `latent.network_config`)."""
-    config, name = latent.network_config(config), config.model.name
+    shape (a latent run's: `latent.network_config`; a downsampled run's: `image_condition.network_config`)."""
+    config, name = image_condition.network_config(latent.network_config(config)), config.model.name
     if name == "mlp":
         model = mlp.from_config(config)
         return mlp.make_apply_fn(model), model.init({"params": rng}, x[:1], jnp.ones((1,), x.dtype),
@@ -108,8 +108,9 @@ def build_loss_fn(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_fn,
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """A frozen score model (consistency distillation): its own saved config, schedule and network,
-    and the EMA parameters of its newest checkpoint, loaded once (`load_teacher`)."""
+    """A frozen score model (consistency distillation's teacher, a ControlNet's base, a cascade's
+    low-resolution model): its own saved config, schedule and network, and the EMA parameters of its
+    newest checkpoint, loaded once (`load_frozen`)."""
 
     config: ml_collections.ConfigDict
     sde: sde_lib.SDE
@@ -127,30 +128,34 @@ def _score_with_labels(config, sde, apply_fn, params, x: Array, t: Array, y: Arr
     return build_score_fn(config, sde, apply_fn, params, y)(x, t)
 
 
-def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
-                 sharding: jax.sharding.Sharding | None = None) -> Teacher:
-    """The teacher of `training.teacher_workdir`: the newest intact checkpoint's EMA parameters, built
-    with the config saved beside them (not this run's), which must train a score model ("dsm") on the
-    EDM schedule (CD), or (progressive distillation, "pd") on this run's schedule and network."""
-    workdir = pathlib.Path(config.training.teacher_workdir)
+def load_frozen(workdir: pathlib.Path, key: str, check: Callable[[ml_collections.ConfigDict, pathlib.Path], None],
+                example_x: Array, sharding: jax.sharding.Sharding | None = None) -> Teacher:
+    """The frozen model of the workdir `key` names: the newest intact checkpoint's EMA parameters, built
+    with the config saved beside them (not this run's), which `check(saved config, workdir)` accepts."""
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=None)
     step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f"training.teacher_workdir: no checkpoint in {workdir / 'checkpoints'}")
+        raise FileNotFoundError(f"{key}: no checkpoint in {workdir / 'checkpoints'}")
     teacher_config = ml_collections.ConfigDict(ckpt.saved_config(step))
     if not teacher_config:
-        raise ValueError(f"training.teacher_workdir: checkpoint step {step} in {workdir} carries no config")
-    if config_lib.objective_name(config) == "pd":
-        _check_pd_teacher(config, teacher_config, workdir)
-    else:
-        _check_cd_teacher(config, teacher_config, workdir)
+        raise ValueError(f"{key}: checkpoint step {step} in {workdir} carries no config")
+    check(teacher_config, workdir)
     apply_fn, variables = build_model(teacher_config, stream_key(teacher_config, "init"), example_x)
     target = state_lib.create_train_state(variables, state_lib.get_optimizer(teacher_config.optim),
                                           stream_key(teacher_config, "state"))
     restored, _ = ckpt.restore(target, step=step, sharding=sharding)
     ckpt.close()
-    logging.info("teacher: EMA parameters of step %d in %s", step, workdir)
+    logging.info("%s: EMA parameters of step %d in %s", key, step, workdir)
     return Teacher(teacher_config, build_sde(teacher_config), apply_fn, restored.ema_params, step)
+
+
+def load_teacher(config: ml_collections.ConfigDict, example_x: Array,
+                 sharding: jax.sharding.Sharding | None = None) -> Teacher:
+    """The teacher of `training.teacher_workdir` (`load_frozen`), which must train a score model ("dsm")
+    on the EDM schedule (CD), or (progressive distillation, "pd") on this run's schedule and network."""
+    check = _check_pd_teacher if config_lib.objective_name(config) == "pd" else _check_cd_teacher
+    return load_frozen(pathlib.Path(config.training.teacher_workdir), "training.teacher_workdir",
+                       functools.partial(check, config), example_x, sharding)
 
 
 _EMA_KEYS = ("ema_rate", "ema_warmup")
@@ -232,8 +237,11 @@ def build_objective(config: ml_collections.ConfigDict, sde: sde_lib.SDE, apply_f
     (`objective.from_loss`); "ct", "ict", "cd" the consistency objectives of `sdejax.consistency` on
     the EDM levels of `config.model` (CT/iCT schedules over `ct_total_steps`; CD with `teacher`,
     `training.cd_solver` and `training.num_scales`); "pd" progressive distillation (`sdejax.progressive`,
-    the teacher θ⁻ = `context.target_params`, N(step) of `pd_schedule`, last time `sampling.eps`)."""
+    the teacher θ⁻ = `context.target_params`, N(step) of `pd_schedule`, last time `sampling.eps`); an
+    image-conditioned run's DSM loss on its network params (`image_condition.objective`)."""
     name = config_lib.objective_name(config)
+    if name == "dsm" and image_condition.kind(config):
+        return image_condition.objective(config, sde, build_loss_fn(config, sde, apply_fn, train))
     if name == "dsm":
         return objective_lib.from_loss(build_loss_fn(config, sde, apply_fn, train))
     t = config.training
@@ -352,7 +360,7 @@ class Setup:
     objective_fn: Callable[[bool], objective_lib.Objective] | None = None  # None: `build_objective` of the config
     workdir: pathlib.Path | None = None
     compiled: dict = dataclasses.field(default_factory=dict)  # programs compiled for this setup, by name
-    teacher: Teacher | None = None  # consistency distillation's frozen score model (not in the state)
+    teacher: Teacher | None = None  # the frozen model of CD, ControlNet, a cascade (`load_frozen`; not in the state)
 
     @property
     def teacher_params(self) -> Any:
@@ -361,7 +369,10 @@ class Setup:
 
     def network_params(self, params: Any) -> Any:
         """The variables `apply_fn` runs with for the trained `params`: themselves, or for a LoRA student
-        the teacher's variables with the adapter merged in (W + s·AB, `lora.merge`)."""
+        the teacher's variables with the adapter merged in (W + s·AB, `lora.merge`); for an image-conditioned
+        run the pair (frozen model's params or None, params), which its sampler completes with the condition."""
+        if image_condition.kind(self.config):
+            return (self.teacher_params, params)
         scale = student_lora_scale(self.config)
         return params if scale is None else lora.merge(self.teacher.params, params, scale)
 
@@ -447,15 +458,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
     config_lib.check_config(config)
     placement = parallel.get_placement(config.training.get("parallelism", "jit"))
     sde = build_sde(config)
-    data = latent.source(config, workdir, sources.get_source(config, stream_key(config, "split"),
-                                                             stream_key(config, "batches")),
-                         stream_key(config, "latent"), allow_config_change)
+    pixels = image_condition.source(config, sources.get_source(config, stream_key(config, "split"),
+                                                               stream_key(config, "batches")))
+    data = latent.source(config, workdir, pixels, stream_key(config, "latent"), allow_config_change)
     check_classes(config, data)
     check_tokens(config, data)
-    apply_fn, variables = build_model(config, stream_key(config, "init"), jnp.asarray(data.heldout["x"]))
-    teacher, name = None, config_lib.objective_name(config)
+    x, teacher, name = jnp.asarray(data.heldout["x"]), None, config_lib.objective_name(config)
     if name in ("cd", "pd"):  # PD's teacher starts θ and θ⁻ (its later teachers live in the state)
-        teacher = load_teacher(config, jnp.asarray(data.heldout["x"]), placement.state_sharding())
+        teacher = load_teacher(config, x, placement.state_sharding())
+    if (frozen := image_condition.base_workdir(config)) is not None:  # a ControlNet's base, a cascade's first stage
+        teacher = load_frozen(frozen, f"{image_condition.kind(config)}.base_workdir",
+                              functools.partial(image_condition.check_base, config), x, placement.state_sharding())
+    if image_condition.kind(config):
+        apply_fn, variables = image_condition.build_model(config, stream_key(config, "init"), x, teacher)
+    else:
+        apply_fn, variables = build_model(config, stream_key(config, "init"), x)
     build_objective(config, sde, apply_fn, True, teacher)  # the objective's and the sampler's settings fail
     methods.from_config(sampler_options(config))  # here, before any work
     conditioning.check(config)
@@ -470,4 +487,4 @@ def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, allow_
         state, data_state = restored
         data.set_state(data_state)
     return Setup(config, sde, data, apply_fn, tx, state, ckpt, placement, workdir=pathlib.Path(workdir),
-                 teacher=teacher if name == "cd" else None)
+                 teacher=None if name == "pd" else teacher)

@@ -52,7 +52,7 @@ MAY_CHANGE = (
     "training.digits_monitor", "training.keep_checkpoints", "training.n_jitted_steps", "training.unroll_steps",
     "training.parallelism", "training.grad_accum_steps",
     "optim.lr", "optim.warmup", "optim.grad_clip", "model.ema_rate", "model.ema_warmup",
-    "model.flax_checkpoint",
+    "model.flax_checkpoint", "superres.aug_level", "superres.base_workdir",
     "eval.", "sampling.", "classifier.",
     "data.data_dir", "data.download", "data.num_threads", "data.prefetch", "data.num_workers",
 )

@@ -16,12 +16,12 @@ from typing import Any
 
 import ml_collections
 
-from sdejax import consistency, likelihood, masked, udm
+from sdejax import consistency, likelihood, masked, superres, udm
 from sdejax import sde as sde_lib
 from sdejax.data import registry as data_registry, toy
 from sdejax.models import mlp, registry as model_registry
 from sdejax.sampling import masked as masked_sampling, methods, pc
-from sdejax.training import conditioning, latent, parallel, state
+from sdejax.training import conditioning, image_condition, latent, parallel, state
 
 _SCORE_SDE_KEYS: dict[str, set[str]] = {
     "training": {"batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq",
@@ -85,8 +85,9 @@ _SDEJAX_KEYS: dict[str, set[str]] = {
     # toy data: constructor kwargs, finite training-set size (0 = fresh samples), held-out size;
     # TFDS image data: where records live, input stack ("grain" or "tf"), download permission and
     # reader settings (see sdejax.data.datasets).
+    # downsample: model D_f(x), the images area-downsampled by f (a cascade's base, sdejax.training.image_condition).
     "data": {"dataset_kwargs", "num_train", "num_heldout", "data_dir", "stack", "download", "num_threads",
-             "prefetch", "num_workers"},
+             "prefetch", "num_workers", "downsample"},
     "optim": {"beta2"},  # Adam's β₂ (default 0.999)
 }
 VALID_KEYS = {k: _SCORE_SDE_KEYS[k] | _SDEJAX_KEYS[k] for k in _SCORE_SDE_KEYS}
@@ -126,11 +127,16 @@ OBJECTIVE_KEYS = {"training.ct_total_steps": ("ct", "ict"), "training.teacher_wo
                   "training.blur_sigma_max": ("udm",), "training.blur_schedule": ("udm",), "training.mask_fill": ("udm",),
                   "training.mask_seed": ("udm",), "sampling.udm_rule": ("udm",), "sampling.udm_prior_noise": ("udm",)}
 LORA_KEYS = ("lora_alpha", "lora_targets")  # read only with training.lora_rank
-OPTIONAL_TOP_LEVEL = {"classifier", "autoencoder", "latent"}  # the network of --mode=train_classifier
-# (sdejax.models.classifier); latent diffusion's autoencoder (--mode=train_autoencoder) and, when present, the
-# latent run's settings (sdejax.training.latent), with their (valid, required) keys:
+OPTIONAL_TOP_LEVEL = {"classifier", "autoencoder", "latent", "superres", "controlnet"}  # the network of
+# --mode=train_classifier (sdejax.models.classifier); latent diffusion's autoencoder (--mode=train_autoencoder)
+# and, when present, the latent run's settings (sdejax.training.latent); an image-conditioned run's
+# (super-resolution, ControlNet: sdejax.training.image_condition), with their (valid, required) keys:
 OPTIONAL_SECTIONS = {"autoencoder": (set(latent.AUTOENCODER_KEYS), set(latent.AUTOENCODER_REQUIRED)),
-                     "latent": (set(latent.LATENT_DEFAULTS), set())}
+                     "latent": (set(latent.LATENT_DEFAULTS), set()),
+                     "superres": (set(image_condition.SUPERRES_DEFAULTS) | set(image_condition.SUPERRES_REQUIRED),
+                                  set(image_condition.SUPERRES_REQUIRED)),
+                     "controlnet": (set(image_condition.CONTROLNET_DEFAULTS) | set(image_condition.CONTROLNET_REQUIRED),
+                                    set(image_condition.CONTROLNET_REQUIRED))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +280,22 @@ VALUE_RULES: dict[str, Rule] = {
     "latent.use_mean": BOOL,
     "latent.autoencoder_workdir": Rule("None (<workdir>/autoencoder) or a non-empty path",
                                        lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "data.downsample": at_least(1, "1: the images themselves"),
+    "superres.factor": at_least(2),
+    "superres.upsample": one_of(superres.UPSAMPLINGS),
+    "superres.aug_max": NON_NEGATIVE,
+    "superres.aug_level": NON_NEGATIVE,
+    "superres.base_workdir": Rule("None (sample on held-out low-resolution images) or a non-empty path",
+                                  lambda v: v is None or (isinstance(v, str) and bool(v))),
+    "controlnet.base_workdir": Rule("a non-empty path", lambda v: isinstance(v, str) and bool(v)),
+    "controlnet.control": one_of(image_condition.CONTROLS),
+    "controlnet.blur_sigma": POSITIVE,
+    "controlnet.factor": at_least(2),
+    "controlnet.hint_channels": Rule("a non-empty sequence of integers >= 1",
+                                     lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+                                     and all(_is_int(m) and m >= 1 for m in v)),
+    "controlnet.num_blocks": Rule("None (DiT: depth // 2) or an integer >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "controlnet.scale": interval(-math.inf, math.inf, "()"),
     "training.sde": Rule(f"one of {sorted(sde_lib.SDES)}", lambda v: isinstance(v, str) and v.lower() in sde_lib.SDES,
                          tuple(sorted(sde_lib.SDES))),
     "seed": Rule("an integer", _is_int),
@@ -488,8 +510,8 @@ def check_latent(config: ml_collections.ConfigDict) -> None:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming any unknown or missing key (`config.model`'s against `model_keys` of
     `model.name`; the optional sections' against `OPTIONAL_SECTIONS`), any value out of its range
-    (`check_values`) or a setting the objective (`check_objective`) or latent diffusion (`check_latent`)
-    cannot use."""
+    (`check_values`) or a setting the objective (`check_objective`), latent diffusion (`check_latent`) or an
+    image-conditioned run (`image_condition.check`) cannot use."""
     _check_keys("config", set(config.keys()), TOP_LEVEL | OPTIONAL_TOP_LEVEL, TOP_LEVEL)
     for section, required in REQUIRED_KEYS.items():
         valid, owner = VALID_KEYS.get(section), ""
@@ -502,3 +524,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_values(config)
     check_objective(config)
     check_latent(config)
+    image_condition.check(config)

@@ -9,12 +9,14 @@ that `sdejax.training.modes` never asks what kind of model it holds.
 | progressive | pd | DDIM on the distilled step count | θ⁻ (last completed stage) | — |
 | masked | masked | ancestral unmasking (`sdejax.sampling.masked`) | EMA | NELBO (an upper bound) |
 | udm | udm | `sdejax.udm.udm_sample` by `sampling.udm_rule` from the data pushed to t = T | EMA | — |
+| conditioned | dsm with `config.superres` / `config.controlnet` | a score sampler on the network params completed with the condition c (`sdejax.training.image_condition`): held-out C(x), or a cascade's base samples (`cascade_sample`) | EMA (and the frozen model's) | PF-ODE −log p(x given C(x)) |
 
 A sampler is `sample(params, classifier_params, rng) -> (x, nfe)` in the model's data range.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -27,7 +29,8 @@ from sdejax import udm
 from sdejax.data import transforms
 from sdejax.sampling import masked as masked_sampling
 from sdejax.sampling import methods
-from sdejax.training import build, conditioning, config as config_lib
+from sdejax import superres
+from sdejax.training import build, conditioning, config as config_lib, image_condition
 from sdejax.training.objective import Context
 
 Array = jax.Array
@@ -37,6 +40,7 @@ NllFn = Callable[[Any, Array, Array, Optional[Array]], tuple[Array, Array]]  # (
 REPORT_METHODS = ("pc", "ode", "dpm_solver")
 CONSISTENCY = "consistency"  # the sampler of every consistency objective (whatever sampling.method says)
 ANCESTRAL = "ancestral"  # masked diffusion's sampler
+AUGMENT_STREAM = 1 << 20  # fold_in of the likelihood's key: a super-resolution condition's augmentation noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,24 +55,80 @@ class Family:
     nll_bits: Optional[Callable[[Any], NllFn]] = None
 
 
+def _guided_score(s, n: int) -> Callable[[Any, Any], Callable[[Array, Array], Array]]:
+    """`(network params, classifier params) -> score_fn(x, t)` of n samples, with the config's guidance
+    and classifier."""
+    y, classifier = conditioning.sample_labels(s.config, n), classifier_for(s)
+
+    def score_of(params, classifier_params):
+        log_prob = None if classifier is None else classifier[0](classifier_params)
+        return conditioning.guided_score_fn(
+            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
+
+    return score_of
+
+
+def _draw(s, method: str) -> Callable:
+    """`draw(rng, sde, score_fn, shape)` of the score-based `method` with the config's options."""
+    return methods.from_config({**build.sampler_options(s.config, int(s.state.step)), "method": method})
+
+
 def _score_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
     """A score-based `method` with the config's options, guidance and classifier."""
-    draw = methods.from_config({**build.sampler_options(s.config, int(s.state.step)), "method": method})
-    y = conditioning.sample_labels(s.config, n)
-    classifier = classifier_for(s)
+    draw, score_of = _draw(s, method), _guided_score(s, n)
 
     def sample(params, classifier_params, rng):
-        log_prob = None if classifier is None else classifier[0](classifier_params)
-        score_fn = conditioning.guided_score_fn(
-            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
-        return draw(rng, s.sde, score_fn, shape)
+        return draw(rng, s.sde, score_of(params, classifier_params), shape)
 
     return sample
 
 
-def _pf_ode_bits(s) -> NllFn:
+def _base_sampler(base: build.Teacher, n: int) -> Callable[[Any, Array], tuple[Array, Array]]:
+    """`(params, rng) -> (x, nfe)`: n samples of a cascade's base model by its own config's
+    `sampling.method`, labels and guidance (its data shape from its config)."""
+    c = base.config
+    draw = methods.from_config(build.sampler_options(c))
+    y, size = conditioning.sample_labels(c, n), c.data.image_size // c.data.get("downsample", 1)
+    shape = (n, size, size, c.data.num_channels)
+
+    def sample(params, rng):
+        make = lambda labels: build.build_score_fn(c, base.sde, base.apply_fn, params, labels)  # noqa: E731
+        return draw(rng, base.sde, conditioning.guided_score_fn(c, base.sde, make, y), shape)
+
+    return sample
+
+
+def _conditioned_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
+    """Samples of an image-conditioned run, its params the pair (frozen params, θ) (`Setup.network_params`).
+    Super-resolution: `cascade_sample` of one stage after the base, the cascade's base model
+    (`superres.base_workdir`) or the held-out D_f(x); ControlNet: the score sampler of
+    ControlNetParams(base, θ, C(x)), x the held-out rows."""
+    draw, score_of = _draw(s, method), _guided_score(s, n)
+    held = image_condition.heldout_conditions(s.config, s.data.heldout["x"], n)
+    if image_condition.kind(s.config) == "controlnet":
+        def sample(params, classifier_params, rng):
+            base, net = params
+            return draw(rng, s.sde, score_of(image_condition.ControlNetParams(base, net, held), classifier_params), shape)
+
+        return sample
+    first = None if s.teacher is None else _base_sampler(s.teacher, n)
+
+    def cascade(params, classifier_params, rng):
+        base, net = params
+        stage = superres.SRStage(lambda z_s, level: score_of(superres.SRParams(net, z_s, level), classifier_params),
+                                 lambda key, score_fn: draw(key, s.sde, score_fn, shape), s.sde,
+                                 float(image_condition.settings(s.config)["aug_level"]))
+        start = (lambda key: (held, jnp.int32(0))) if first is None else functools.partial(first, base)
+        samples, nfes = superres.cascade_sample(rng, start, [stage])
+        return samples[-1], nfes[0] + nfes[1]
+
+    return cascade
+
+
+def _pf_ode_bits(s, network: Callable[[Any, Array, Array], Any] = lambda params, rng, x: params) -> NllFn:
     """Bits/dim by the PF-ODE likelihood at t = eps (`sdejax.likelihood`): continuous data −log p(x)/(D ln 2);
-    data of L levels in [lo, hi]: −(log p(y) + D log(hi − lo))/(D ln 2) + log2 L (dequantised)."""
+    data of L levels in [lo, hi]: −(log p(y) + D log(hi − lo))/(D ln 2) + log2 L (dequantised); the
+    score of the network params `network(params, rng, x)` (an image-conditioned run's: given C(x))."""
     from sdejax.likelihood import bits_per_dim, log_likelihood
 
     e = s.config.eval
@@ -78,7 +138,8 @@ def _pf_ode_bits(s) -> NllFn:
     data_range = s.data.data_range or (0.0, 1.0)  # unbounded data: no rescaling
 
     def nll_bits(params, rng, xb, yb):  # a class-conditional model: log p(x | y) at the held-out labels
-        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, params, yb)
+        network_params = network(params, jax.random.fold_in(rng, AUGMENT_STREAM), xb)
+        score_fn = build.build_score_fn(s.config, s.sde, s.apply_fn, network_params, yb)
         logp, _, nfe = log_likelihood(rng, s.sde, score_fn, xb, **kwargs)
         return bits_per_dim(logp, xb.shape, data_range=data_range, n_bits=n_bits), nfe
 
@@ -170,6 +231,16 @@ def _udm_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
     return sample
 
 
+def _conditioned_network(s, params, rng: Array, x: Array) -> Any:
+    """The network params given C(x) of the pair (frozen params, θ): ControlNetParams(base, θ, C(x)), or
+    SRParams(θ, z_s, s) at s = `superres.aug_level` (ε from `rng`)."""
+    base, net = params
+    c = image_condition.condition_fn(s.config)(x)
+    if image_condition.kind(s.config) == "controlnet":
+        return image_condition.ControlNetParams(base, net, c)
+    return image_condition.augmented_params(s.config, s.sde, net, c, rng)
+
+
 def classifier_for(s) -> Optional[tuple[Callable, Any]]:
     """With `sampling.classifier_scale` > 0: (params -> log_prob_fn, EMA params) of the classifier of
     `--mode=train_classifier` in this setup's workdir, restored once per setup; else None."""
@@ -191,10 +262,12 @@ PROGRESSIVE = Family(lambda s, method, n, shape: _score_sampler(s, "ddim", n, sh
 UDM = Family(_udm_sampler, lambda config: ("udm",), method_name=lambda s, method: "udm")
 MASKED = Family(_masked_sampler, lambda config: (ANCESTRAL,), method_name=lambda s, method: ANCESTRAL,
                 nll_bits=_masked_bits)
+CONDITIONED = Family(_conditioned_sampler, lambda config: REPORT_METHODS, nll_bits=lambda s: _pf_ode_bits(
+    s, functools.partial(_conditioned_network, s)))
 FAMILIES = {"dsm": SCORE, "ct": CONSISTENCY_FAMILY, "ict": CONSISTENCY_FAMILY, "cd": CONSISTENCY_FAMILY,
             "pd": PROGRESSIVE, "masked": MASKED, "udm": UDM}
 
 
 def family(config: ml_collections.ConfigDict) -> Family:
-    """The family of `training.objective`."""
-    return FAMILIES[config_lib.objective_name(config)]
+    """The family of `training.objective` (an image-conditioned run's: `CONDITIONED`)."""
+    return CONDITIONED if image_condition.kind(config) else FAMILIES[config_lib.objective_name(config)]

@@ -19,7 +19,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sdejax.training import build, families, parallel
+from sdejax.data import transforms
+from sdejax.training import build, families, image_condition, parallel
 from sdejax.training import step as step_lib
 from sdejax.training.build import Setup, stream_key
 from sdejax.training.objective import Context
@@ -106,11 +107,15 @@ def make_sampler(s: Setup, method: str, n: int, local: bool = False) -> tuple[Ca
 
 
 def draw_samples(s: Setup, method: str, n: int, rng: Array) -> tuple[np.ndarray, dict]:
-    """n samples by `method` (see `make_sampler`) gathered to host, and {"nfe", "compile_s", "wall_s"}."""
+    """n samples by `method` (see `make_sampler`) gathered to host, and {"nfe", "compile_s", "wall_s"}, and for
+    samples conditioned on held-out images (`image_condition`) their "condition_rms"."""
     sampler, compile_s = make_sampler(s, method, n)
     start = time.perf_counter()
     x, nfe = jax.block_until_ready(sampler(rng))
-    return to_host(x), {"nfe": int(to_host(nfe)), "compile_s": compile_s, "wall_s": time.perf_counter() - start}
+    x, info = to_host(x), {"nfe": int(to_host(nfe)), "compile_s": compile_s, "wall_s": time.perf_counter() - start}
+    if image_condition.on_heldout(s.config):
+        info.update(image_condition.agreement(s.config, x, s.data.heldout["x"], transforms.get_data_inverse_scaler(s.config)))
+    return x, info
 
 
 def sample_quality(s: Setup, workdir: pathlib.Path) -> dict:
@@ -141,7 +146,7 @@ def heldout_bits_per_dim(s: Setup) -> dict:
     `latent_bits_per_dim` of its latents, not of pixels."""
     e, nll_bits = s.config.eval, families.family(s.config).nll_bits(s)
     batch_size = min(e.batch_size, np.shape(s.data.heldout["x"])[0] * jax.process_count())
-    params = s.placement.on_mesh(s.state.ema_params)
+    params = s.placement.on_mesh(s.network_params(s.state.ema_params))
     compile_s, start, bits, nfes = 0.0, time.perf_counter(), [], []
     limit = e.get("num_bpd_batches", 0) or None
     for i, local in enumerate(itertools.islice(s.data.eval_batches(batch_size), limit)):

@@ -70,7 +70,8 @@ def make_multi_step(s: Setup):
         state, metrics = multi_step(state, batches, teacher_params)
         return (state, teacher_params), metrics
 
-    placed, held = s.placement.compile(with_teacher), [s.placement.replicate(s.teacher_params)]
+    # a copy of its own (from the host): the program donates it, and the setup's stay readable (eval, sampling)
+    placed, held = s.placement.compile(with_teacher), [s.placement.replicate(jax.device_get(s.teacher_params))]
 
     def run(state, batches):
         (state, held[0]), metrics = placed((state, held[0]), batches)
