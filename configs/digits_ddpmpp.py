@@ -33,7 +33,6 @@ def get_config():
     data.random_flip = False  # digits are not mirror-symmetric
     data.uniform_dequantization = True
     data.centered = True
-    data.downsample = 1  # f > 1: model the digits area-downsampled by f (a cascade's base, configs/digits_lowres.py)
     data.data_dir = config_dict.placeholder(str)  # None: TFDS's default; the digits are built there if missing
     model = config.model
     model.nf = 32

@@ -28,7 +28,7 @@ from sdejax.models.controlnet import ControlNetParams
 from sdejax.precond import Precond
 from sdejax.sampling import methods
 from sdejax.sde import EDMSDE
-from sdejax.training import build, config as config_lib, families, image_condition, modes
+from sdejax.training import build, config as config_lib, families, image_condition, modes, trainer
 
 TINY = {"training.n_iters": 2, "training.batch_size": 8, "training.log_freq": 1, "training.eval_freq": 2,
         "training.snapshot_freq": 0, "training.snapshot_freq_for_preemption": 2, "training.snapshot_sampling": False,
@@ -60,7 +60,8 @@ def runs(tmp_path_factory):
     try:
         _train(mp, "lowres", dirs["lowres"], tfds)
         _train(mp, "sr", dirs["sr"], tfds)
-        _train(mp, "controlnet", dirs["controlnet"], tfds, **CN_EXTRA, **{"controlnet.base_workdir": dirs["lowres"]})
+        config = _config("controlnet", tfds, **CN_EXTRA, **{"controlnet.base_workdir": str(dirs["lowres"])})
+        trainer.train_model(config, dirs["controlnet"])  # what the CLI runs (data.downsample is no CLI key here)
     finally:
         mp.undo()
     return {"tfds": tfds, **dirs}

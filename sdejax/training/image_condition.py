@@ -44,8 +44,7 @@ CONTROLNET_REQUIRED = ("base_workdir",)
 CONTROLNET_DEFAULTS = {"control": "blur", "blur_sigma": 1.5, "factor": 2, "hint_channels": (16, 32, 64),
                        "num_blocks": None, "scale": 1.0}
 CONTROL_KEYS = {"blur_sigma": "blur", "factor": "low_res"}  # read by one control only
-# keys read at sampling only (a checkpoint may be sampled with other values)
-SAMPLING_KEYS = ("superres.aug_level", "superres.base_workdir")
+DATA_DEFAULTS = {"downsample": 1}
 
 
 def kind(config: ml_collections.ConfigDict) -> Optional[str]:
@@ -119,7 +118,7 @@ def check_base(config: ml_collections.ConfigDict, base_config: ml_collections.Co
                workdir: pathlib.Path) -> None:
     """A cascade's base is a DSM model of D_f(x) (this run's data with `data.downsample` = factor); a
     ControlNet's base is a DSM model with this run's data, SDE and network."""
-    same = lambda a, b, key: a.get(key) == b.get(key)  # noqa: E731
+    same = lambda a, b, key: a.get(key, DATA_DEFAULTS.get(key)) == b.get(key, DATA_DEFAULTS.get(key))  # noqa: E731
     if base_config.training.get("objective", "dsm") != "dsm" or any(k in base_config for k in SECTIONS):
         raise ValueError(f"config.{kind(config)}.base_workdir must hold an unconditioned DSM score model; {workdir} "
                          f"has training.objective {base_config.training.get('objective', 'dsm')!r}")
