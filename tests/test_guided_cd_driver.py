@@ -23,12 +23,13 @@ from sdejax.models import lora, registry
 from sdejax.precond import Precond
 from sdejax.sampling.consistency import consistency_sample
 from sdejax.sde import EDMSDE
-from sdejax.training import build, config as config_lib, modes, state as state_lib, trainer
+from sdejax.training import build, config as config_lib, image_condition, modes, state as state_lib, trainer
 from sdejax.training.objective import context_from_state
 
 TINY = {"training.n_iters": 2, "training.n_jitted_steps": 1, "training.batch_size": 8, "training.log_freq": 1,
         "training.eval_freq": 0, "training.snapshot_freq": 0, "training.snapshot_freq_for_preemption": 2,
-        "model.nf": 16, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+        "model.nf": 16, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+        "data.downsample": 2,  # 8x8 digits: the claims are about wiring, not the image size
         "eval.num_samples": 10, "eval.batch_size": 10, "data.num_threads": 2, "data.prefetch": 2}
 STUDENT = {"training.num_scales": 6, "training.cd_skip": 2}
 EDM = {"training.sde": "edmsde", "model.sigma_min": 0.002, "model.sigma_max": 80.0, "model.prediction": "x0",
@@ -123,7 +124,7 @@ def test_guided_student_starts_as_the_teacher_and_its_loss_is_the_library_object
         assert np.array_equal(np.asarray(a), np.asarray(b)), path
     batch, rng, context = _batch(s), jax.random.PRNGKey(5), context_from_state(s.state, s.teacher_params)
     loss, aux = jax.jit(s.objective(True))(s.state.params, rng, batch, context)
-    t_apply = registry.make_apply_fn(registry.get_model(s.teacher.config))
+    t_apply = registry.make_apply_fn(registry.get_model(image_condition.network_config(s.teacher.config)))
     ref = consistency.guided_cd_objective(s.apply_fn, _teacher_fn(s.teacher.config, t_apply), w_range=(1.0, 4.0),
                                           skip=2, num_scales=6, solver="heun")
     ref_loss, ref_aux = jax.jit(ref)(s.state.params, rng, batch, context)
@@ -144,7 +145,7 @@ def _moved(tree, key=1, scale=0.2):
 
 def _library_sample(config, apply_fn, params, n, key, **cond):
     f = consistency.get_consistency_fn(apply_fn, params, 0.002, 0.5, **cond)
-    return np.asarray(consistency_sample(f, key, (n, 16, 16, 1), (80.0, 0.821), 0.002)[0])
+    return np.asarray(consistency_sample(f, key, (n, 8, 8, 1), (80.0, 0.821), 0.002)[0])
 
 
 def test_guided_sampling_conditions_on_class_and_w(runs):
@@ -163,7 +164,7 @@ def test_guided_sampling_conditions_on_class_and_w(runs):
     other = _library_sample(config, s.apply_fn, s.state.ema_params, n, key, y=y, w=jnp.zeros((n,)))
     assert np.abs(other - ref).max() > 1e-3 * np.abs(ref).max()
     out = modes.run_sample(config, workdir)
-    assert np.load(out["path"])["samples"].shape == (10, 16, 16, 1)
+    assert np.load(out["path"])["samples"].shape == (10, 8, 8, 1)
 
 
 def test_lora_student_trains_the_adapter_over_the_frozen_teacher(runs, tmp_path):
@@ -174,7 +175,8 @@ def test_lora_student_trains_the_adapter_over_the_frozen_teacher(runs, tmp_path)
     fresh = build.setup(config, tmp_path / "fresh")
     entries = lora.adapter_entries(fresh.state.params)
     assert entries and all(not np.any(np.asarray(b)) for _, b in entries.values())
-    assert registry.count_params(fresh.state.params) < registry.count_params(fresh.teacher_params) / 4
+    # an adapted m×n kernel (min(m, n) >= 16 here) has r(m + n) <= mn(r/16 + r/144) = 0.28 mn entries at r = 4
+    assert registry.count_params(fresh.state.params) < 0.3 * registry.count_params(fresh.teacher_params)
     full = override(copy.deepcopy(config), {})
     for key in ("lora_rank", "lora_alpha"):
         del full.training[key]
