@@ -124,3 +124,20 @@ def test_parameter_counts_match_paper(size):
                                                  y=jnp.zeros((1,), jnp.int32)), jax.random.PRNGKey(0))
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     assert n_trainable + 256 * dit.SIZES[size][1] == PAPER_COUNTS[size]
+
+
+def test_shipped_latent_dit_config_is_dit_xl2_on_f8_latents():
+    """configs/dit/imagenet256_latent_dit_xl2.py: a latent run whose network sees the f = 8 autoencoder's
+    32×32×4 latents of 256² images and is DiT-XL/2 with 1000 classes: the paper's count less the fixed position
+    embedding (256·1152) and less learned σ's 4 extra output channels (1152·2²·4 + 2²·4 = 18,448)."""
+    from configs.dit import imagenet256_latent_dit_xl2
+    from sdejax.training import config as config_lib, latent
+
+    config = imagenet256_latent_dit_xl2.get_config()
+    config_lib.check_config(config)
+    net = latent.network_config(config)
+    assert (net.data.image_size, net.data.num_channels) == (32, 4) and config.data.image_size == 256
+    model = registry.get_model(net)
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 4)), jnp.ones((1,)),
+                                                 y=jnp.zeros((1,), jnp.int32)), jax.random.PRNGKey(0))
+    assert registry.count_params(shapes) == PAPER_COUNTS["XL"] - 256 * 1152 - (1152 * 16 + 16)

@@ -1,7 +1,7 @@
 """Which datasets exist, where their records live, and how an image is cropped and resized.
 
 Names follow score_sde's `config.data.dataset` (CIFAR10, SVHN, CELEBA, LSUN, FFHQ, CelebAHQ) plus
-MNIST, IMAGENET32/64 (downsampled ImageNet) and DIGITS (sklearn's digits, built offline).
+MNIST, IMAGENET32/64 (downsampled ImageNet), IMAGENET (imagenet2012 at any size) and DIGITS (sklearn's digits, built offline).
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "CelebAHQ": DatasetSpec(None, labeled=False),
     "IMAGENET32": DatasetSpec("downsampled_imagenet/32x32", eval_split="validation", labeled=False),
     "IMAGENET64": DatasetSpec("downsampled_imagenet/64x64", eval_split="validation", labeled=False),
+    "IMAGENET": DatasetSpec("imagenet2012", eval_split="validation"),  # full size (manual download), 1000 classes
     "DIGITS": DatasetSpec("sklearn_digits", channels=1, num_levels=digits.NUM_LEVELS),
 }
 
