@@ -22,7 +22,7 @@ from sdejax.evaluation import inception_weights, metrics, stats_file
 CONFIG = ROOT / "configs" / "digits_ddpmpp.py"
 TINY = {"training.n_iters": 2, "training.n_jitted_steps": 1, "training.batch_size": 8, "training.log_freq": 1,
         "training.eval_freq": 2, "training.snapshot_freq": 2, "training.snapshot_num_samples": 4,
-        "model.nf": 16, "model.ch_mult": "(1,2)", "model.num_res_blocks": 1, "model.attn_resolutions": "(8,)",
+        "model.nf": 16, "model.ch_mult": "(1,)", "model.num_res_blocks": 1, "model.attn_resolutions": "()",
         "model.num_scales": 25, "eval.num_samples": 4, "eval.batch_size": 10, "eval.num_bpd_batches": 1,
         "eval.rtol": 1e-2, "eval.atol": 1e-2}
 
