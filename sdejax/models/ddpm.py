@@ -98,7 +98,7 @@ class DDPM(nn.Module):
         if features_only:
             return hs, h
         if control is not None:
-            hs, h = add_control(hs, h, control)
+            hs, h = layers.add_control(hs, h, control)
 
         for i_level in reversed(range(n_res)):
             for _ in range(self.num_res_blocks + 1):
@@ -114,11 +114,3 @@ class DDPM(nn.Module):
         if self.scale_by_sigma:
             h = h / conditioning.sigmas_at(labels, self.sigma_min, self.sigma_max, self.num_scales)[:, None, None, None]
         return h
-
-
-def add_control(hs: list[Array], h: Array, control: Sequence[Array]) -> tuple[list[Array], Array]:
-    """(hs[i] + control[i], h + control[-1]): ControlNet's residuals on the skips and the middle block."""
-    if len(control) != len(hs) + 1:
-        raise ValueError(f"control must hold {len(hs) + 1} residuals ({len(hs)} skips + the middle block); "
-                         f"got {len(control)}")
-    return [a + c.astype(a.dtype) for a, c in zip(hs, control)], h + control[-1].astype(h.dtype)

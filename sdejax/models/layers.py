@@ -7,7 +7,7 @@ compute dtype. Group-norm statistics, softmax and the noise-level embeddings run
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -260,3 +260,11 @@ class ResnetBlockBigGAN(nn.Module):
             x = conv(out_ch, 1, dtype=self.dtype, name="Conv_2")(x)
         out = x.astype(h.dtype) + h
         return out / np.sqrt(2.0) if self.skip_rescale else out
+
+
+def add_control(hs: list[Array], h: Array, control: Sequence[Array]) -> tuple[list[Array], Array]:
+    """(hs[i] + control[i], h + control[-1]): ControlNet's residuals on the skips and the middle block."""
+    if len(control) != len(hs) + 1:
+        raise ValueError(f"control must hold {len(hs) + 1} residuals ({len(hs)} skips + the middle block); "
+                         f"got {len(control)}")
+    return [a + c.astype(a.dtype) for a, c in zip(hs, control)], h + control[-1].astype(h.dtype)

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdejax.models import conditioning, layers
-from sdejax.models.ddpm import add_control
 
 Array = jax.Array
 
@@ -172,7 +171,7 @@ class NCSNpp(nn.Module):
         if features_only:
             return hs, h
         if control is not None:
-            hs, h = add_control(hs, h, control)
+            hs, h = layers.add_control(hs, h, control)
 
         # Upsampling path.
         pyramid = None
