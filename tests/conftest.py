@@ -30,8 +30,9 @@ def fixtures_dir() -> pathlib.Path:
 
 # The longest files (measured, cold cache) start first, so the two xdist workers finish together
 # instead of one running the digits CLI test alone at the end.
-SLOW_FIRST = ("test_digits_cli.py", "test_guided_cd_driver.py", "test_conditional_driver.py", "test_udm_driver.py",
-              "test_training.py", "test_models.py", "test_latent_driver.py")
+SLOW_FIRST = ("test_digits_cli.py", "test_image_condition_driver.py", "test_guided_cd_driver.py",
+              "test_conditional_driver.py", "test_udm_driver.py", "test_training.py", "test_models.py",
+              "test_latent_driver.py", "test_vq_latent_driver.py")
 
 
 def pytest_collection_modifyitems(items):
