@@ -1,5 +1,5 @@
 """The unified diffusion framework through the driver (`training.objective = "udm"`,
-`configs/digits_cold.py`) on the digits with a tiny U-Net: the driver's loss and samples must equal
+`configs/digits_cold.py`) on the digits with a one-level DDPM++ of width 8: the driver's loss and samples must equal
 the library's (`sdejax.udm`, `sdejax.degradations`) on the same parameters and keys, for cold blur
 and for the Gaussian instance of the run's SDE; the maths is tested in test_udm. Config errors too."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sdejax.training.objective import context_from_state
 
 TINY = {"training.n_iters": 2, "training.n_jitted_steps": 1, "training.batch_size": 8, "training.log_freq": 1,
         "training.eval_freq": 0, "training.snapshot_freq": 0, "training.snapshot_freq_for_preemption": 2,
-        "model.nf": 16, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+        "model.nf": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
         "eval.num_samples": 6, "eval.batch_size": 10, "sampling.num_steps": 4, "data.num_threads": 2,
         "data.prefetch": 2}
 
@@ -39,6 +39,12 @@ def runs(tmp_path_factory):
         trainer.train_model(config, workdir)
         out[name] = (config, workdir)
     return out
+
+
+@pytest.fixture(scope="module")
+def restored(runs):
+    """`name -> modes.restored_setup` of each run, restored once for the loss and the sampling tests."""
+    return {name: modes.restored_setup(config, workdir) for name, (config, workdir) in runs.items()}
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -61,10 +67,9 @@ def _net(apply_fn):
 
 
 @pytest.mark.parametrize("name", ["blur", "gaussian"])
-def test_driver_loss_is_the_library_udm_loss(runs, name):
+def test_driver_loss_is_the_library_udm_loss(restored, name):
     """The train step's objective is `udm_loss` (x0 MSE) of the degradation with the network on labels 999·t."""
-    config, workdir = runs[name]
-    s = modes.restored_setup(config, workdir)
+    s = restored[name]
     deg = degradations.blur(8.0) if name == "blur" else degradations.gaussian(VPSDE(beta_min=0.1, beta_max=20.0))
     batch = jax.tree_util.tree_map(lambda v: jnp.asarray(v[0]), s.data.chunk(0, 1))
     rng, context = jax.random.PRNGKey(4), context_from_state(s.state)
@@ -75,12 +80,11 @@ def test_driver_loss_is_the_library_udm_loss(runs, name):
 
 
 @pytest.mark.parametrize("name", ["blur", "gaussian"])
-def test_driver_samples_are_the_library_udm_sampler(runs, name):
+def test_driver_samples_are_the_library_udm_sampler(runs, restored, name):
     """`--mode=sample`: `udm_sample` from x_T = F_T(x_heldout, ε) (+ 0.02 z for blur) on linspace(T, t_end, 4):
     cold_improved to t = 0 without denoising (NFE 3) for blur, interp η = 0.5 (DDIM η) to the SDE's
     sampling eps with the final x̂0 (NFE 4) for the Gaussian instance."""
-    config, workdir = runs[name]
-    s = modes.restored_setup(config, workdir)
+    (config, workdir), s = runs[name], restored[name]
     key, n = build.stream_key(config, "sample"), 6
     x, info = modes.draw_samples(s, config.sampling.method, n, key)
     deg = build.build_degradation(config, s.sde)
