@@ -51,7 +51,7 @@ def score_setup(s, n, monitor, out, name) -> dict:
     images = np.clip(np.asarray(datasets.get_data_inverse_scaler(config)(x), np.float32), 0, 1)
     modes.save_samples(s, out / name, {"samples": x[:100]})
     return {"name": name, "step": int(s.state.step), "nfe": info["nfe"], "sample_wall_s": info["wall_s"],
-            "digits_frechet_distance": float(monitor(images))}
+            "digits_frechet_distance": float(monitor(images)), **{k: v for k, v in info.items() if k == "condition_rms"}}
 
 
 def main() -> None:
