@@ -213,7 +213,7 @@ def agreement(config: ml_collections.ConfigDict, samples: np.ndarray, heldout_x:
 
 
 @dataclasses.dataclass
-class DownsampledSource:
+class DownsampledSource(sources.WrappedSource):
     """The `DataSource` of D_f(x) over an image source `inner` (`data.downsample = f`): the base of a
     cascade. Quantised to (L − 1)f² + 1 levels; no FID (its statistics are of the full-size images)."""
 
@@ -239,21 +239,6 @@ class DownsampledSource:
     def eval_batches(self, batch_size: int) -> Iterator[dict]:
         for batch in self.inner.eval_batches(batch_size):
             yield self._down(batch)
-
-    def get_state(self) -> dict:
-        return self.inner.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.inner.set_state(state)
-
-    def true_entropy_bits_per_dim(self, rng: Array, n: int) -> None:
-        return None
-
-    def save(self, stem: pathlib.Path, samples: dict[str, np.ndarray]) -> None:
-        self.inner.save(stem, samples)
-
-    def tensorboard_image(self, x: np.ndarray) -> Optional[np.ndarray]:
-        return self.inner.tensorboard_image(x)
 
     def decode(self, x: Array) -> Array:
         return x

@@ -261,7 +261,7 @@ def network_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 @dataclasses.dataclass
-class LatentSource:
+class LatentSource(sources.WrappedSource):
     """The `DataSource` of z = s·E(x) over a pixel source `inner`, encoded by the frozen autoencoder
     `params` (`encode`: the kind's `Kind.latents`); samples come back as pixels through `decode`. Continuous and
     unbounded (bits/dim with no dequantisation, reported as latent bits/dim: `describe_bits`).
@@ -298,15 +298,6 @@ class LatentSource:
         for i, batch in enumerate(self.inner.eval_batches(batch_size)):
             yield self._encoded(batch, jax.random.fold_in(key, i))
 
-    def get_state(self) -> dict:
-        return self.inner.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.inner.set_state(state)
-
-    def true_entropy_bits_per_dim(self, rng: Array, n: int) -> None:
-        return None
-
     def decode(self, z: Array) -> Array:
         """x = D(z / s) (KL) or D(quantize(z / s)) (VQ), in the pixel source's model range."""
         return self.decode_fn(self.params, z, self.scale)
@@ -316,12 +307,6 @@ class LatentSource:
         renamed = {("latent_" + k if k.startswith("bits_per_dim") else k): v for k, v in bits.items()}
         return {**renamed, "note": BITS_NOTE}
 
-    def save(self, stem: pathlib.Path, samples: dict[str, np.ndarray]) -> None:
-        """The inner source's pictures of (decoded) samples."""
-        self.inner.save(stem, samples)
-
-    def tensorboard_image(self, x: np.ndarray) -> Optional[np.ndarray]:
-        return self.inner.tensorboard_image(x)
 
 
 def restore_autoencoder(config: ml_collections.ConfigDict, ae_dir: pathlib.Path, x: np.ndarray, step: int,

@@ -79,6 +79,30 @@ def process_rows(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.take(x, np.arange(jax.process_index() * n, (jax.process_index() + 1) * n), axis=axis)
 
 
+class WrappedSource:
+    """What a source transforming another (`self.inner`) delegates to it: the training stream's position
+    and the pictures; it knows no true entropy. Subclasses (`LatentSource`, `DownsampledSource`) give
+    chunk, eval_batches, heldout, decode and describe_bits."""
+
+    inner: DataSource
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state)
+
+    def true_entropy_bits_per_dim(self, rng: Array, n: int) -> None:
+        return None
+
+    def save(self, stem: pathlib.Path, samples: dict[str, np.ndarray]) -> None:
+        """The inner source's pictures of the samples (in its model range)."""
+        self.inner.save(stem, samples)
+
+    def tensorboard_image(self, x: np.ndarray) -> Optional[np.ndarray]:
+        return self.inner.tensorboard_image(x)
+
+
 @dataclasses.dataclass
 class ToySource:
     """A toy distribution, a stateless batch source `batch_fn(rng)`, and the held-out points.
