@@ -32,7 +32,7 @@ from sdejax.training import build, config as config_lib, families, image_conditi
 
 TINY = {"training.n_iters": 2, "training.batch_size": 8, "training.log_freq": 1, "training.eval_freq": 2,
         "training.snapshot_freq": 0, "training.snapshot_freq_for_preemption": 2, "training.snapshot_sampling": False,
-        "model.nf": 16, "model.ch_mult": (1,), "model.attn_resolutions": (), "model.num_scales": 25,
+        "model.nf": 8, "model.ch_mult": (1,), "model.attn_resolutions": (), "model.num_scales": 25,
         "eval.num_samples": 4, "eval.batch_size": 10, "eval.num_bpd_batches": 1, "eval.rtol": 1e-3,
         "eval.atol": 1e-3, "sampling.num_steps": 3}
 CONFIGS = {"lowres": (digits_lowres, "digits_lowres.py"), "sr": (digits_sr, "digits_sr.py"),
