@@ -28,11 +28,14 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
-# The longest files (measured, cold cache) start first, so the two xdist workers finish together
-# instead of one running the digits CLI test alone at the end.
-SLOW_FIRST = ("test_digits_cli.py", "test_image_condition_driver.py", "test_guided_cd_driver.py",
-              "test_conditional_driver.py", "test_udm_driver.py", "test_training.py", "test_models.py",
-              "test_latent_driver.py", "test_vq_latent_driver.py")
+# The longest files (measured, cold cache) start first, longest first, so the two xdist workers finish
+# together instead of one running the digits CLI test alone at the end (pytest.ini turns off xdist's own
+# reordering of files by their number of tests, --no-loadscope-reorder, which would undo this order).
+SLOW_FIRST = ("test_training.py", "test_image_condition_driver.py", "test_digits_cli.py", "test_models.py",
+              "test_fast_solvers.py", "test_guided_cd_driver.py", "test_controlnet.py", "test_conditional_driver.py",
+              "test_latent_driver.py", "test_preemption.py", "test_udm_driver.py", "test_parallel.py",
+              "test_fid_workflow.py", "test_vq_latent_driver.py", "test_lora.py", "test_ode_sde_samplers.py",
+              "test_classifier.py", "test_blurring.py", "test_guided_distillation.py")
 
 
 def pytest_collection_modifyitems(items):
