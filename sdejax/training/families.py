@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sdejax import udm
+from sdejax import superres, udm
 from sdejax.data import transforms
 from sdejax.sampling import masked as masked_sampling
 from sdejax.sampling import methods
-from sdejax import superres
 from sdejax.training import build, conditioning, config as config_lib, image_condition
 from sdejax.training.objective import Context
 
@@ -55,15 +54,16 @@ class Family:
     nll_bits: Optional[Callable[[Any], NllFn]] = None
 
 
-def _guided_score(s, n: int) -> Callable[[Any, Any], Callable[[Array, Array], Array]]:
-    """`(network params, classifier params) -> score_fn(x, t)` of n samples, with the config's guidance
-    and classifier."""
-    y, classifier = conditioning.sample_labels(s.config, n), classifier_for(s)
+def _guided_score(config: ml_collections.ConfigDict, sde, apply_fn, n: int,
+                  classifier: Optional[tuple[Callable, Any]] = None) -> Callable[[Any, Any], Callable[[Array, Array], Array]]:
+    """`(network params, classifier params) -> score_fn(x, t)` of n samples of the network `apply_fn` of
+    `config`, with its guidance and `classifier` (`classifier_for`)."""
+    y = conditioning.sample_labels(config, n)
 
     def score_of(params, classifier_params):
         log_prob = None if classifier is None else classifier[0](classifier_params)
         return conditioning.guided_score_fn(
-            s.config, s.sde, lambda labels: build.build_score_fn(s.config, s.sde, s.apply_fn, params, labels), y, log_prob)
+            config, sde, lambda labels: build.build_score_fn(config, sde, apply_fn, params, labels), y, log_prob)
 
     return score_of
 
@@ -75,7 +75,7 @@ def _draw(s, method: str) -> Callable:
 
 def _score_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> SampleFn:
     """A score-based `method` with the config's options, guidance and classifier."""
-    draw, score_of = _draw(s, method), _guided_score(s, n)
+    draw, score_of = _draw(s, method), _guided_score(s.config, s.sde, s.apply_fn, n, classifier_for(s))
 
     def sample(params, classifier_params, rng):
         return draw(rng, s.sde, score_of(params, classifier_params), shape)
@@ -87,13 +87,12 @@ def _base_sampler(base: build.Teacher, n: int) -> Callable[[Any, Array], tuple[A
     """`(params, rng) -> (x, nfe)`: n samples of a cascade's base model by its own config's
     `sampling.method`, labels and guidance (its data shape from its config)."""
     c = base.config
-    draw = methods.from_config(build.sampler_options(c))
-    y, size = conditioning.sample_labels(c, n), c.data.image_size // c.data.get("downsample", 1)
-    shape = (n, size, size, c.data.num_channels)
+    draw, score_of = methods.from_config(build.sampler_options(c)), _guided_score(c, base.sde, base.apply_fn, n)
+    data = image_condition.network_config(c).data
+    shape = (n, data.image_size, data.image_size, data.num_channels)
 
     def sample(params, rng):
-        make = lambda labels: build.build_score_fn(c, base.sde, base.apply_fn, params, labels)  # noqa: E731
-        return draw(rng, base.sde, conditioning.guided_score_fn(c, base.sde, make, y), shape)
+        return draw(rng, base.sde, score_of(params, None), shape)
 
     return sample
 
@@ -103,7 +102,7 @@ def _conditioned_sampler(s, method: str, n: int, shape: tuple[int, ...]) -> Samp
     Super-resolution: `cascade_sample` of one stage after the base, the cascade's base model
     (`superres.base_workdir`) or the held-out D_f(x); ControlNet: the score sampler of
     ControlNetParams(base, θ, C(x)), x the held-out rows."""
-    draw, score_of = _draw(s, method), _guided_score(s, n)
+    draw, score_of = _draw(s, method), _guided_score(s.config, s.sde, s.apply_fn, n, classifier_for(s))
     held = image_condition.heldout_conditions(s.config, s.data.heldout["x"], n)
     if image_condition.kind(s.config) == "controlnet":
         def sample(params, classifier_params, rng):
